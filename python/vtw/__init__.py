@@ -1,0 +1,3 @@
+"""vtw: Visual Tokens Withdrawal for multimodal LLMs (the integration layer over vtw_kernels)."""
+
+__version__ = "0.1.0"

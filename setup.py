@@ -1,0 +1,167 @@
+"""Builds and installs both packages of vtw: `vtw_kernels` (with its compiled `_C` operator
+library) and `vtw` (the integration layer, in python/vtw).
+
+The CUDA kernels are compiled whenever a CUDA toolkit (nvcc) and a CUDA build of torch are
+present, whether or not a GPU is. Environment switches:
+
+  VTW_BUILD_CUDA=0|1      force a CPU-only build (0) or require the CUDA build (1)
+  TORCH_CUDA_ARCH_LIST    architectures to compile for (default: DEFAULT_ARCHS below)
+  MAX_JOBS                parallel compile jobs (default: capped by cores and memory)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# FlashAttention's list (Ampere, Hopper, Blackwell), with PTX of the newest for later GPUs.
+DEFAULT_ARCHS = "8.0;9.0;10.0;12.0+PTX"
+
+
+def _log(msg: str) -> None:
+    print(f"[vtw setup] {msg}", file=sys.stderr)
+
+
+def _find_cuda_home() -> str | None:
+    """The real toolkit folder. /usr/local/bin/nvcc may be a wrapper script, from which torch
+    would guess CUDA_HOME=/usr/local; nvcc itself reports its TOP folder in a dry run."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isdir(
+            os.path.join(home, "include")
+        ):
+            return os.path.realpath(home)
+    nvcc = shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
+    )
+    if nvcc is None:
+        return None
+    try:
+        probe = os.path.join(ROOT, "build", "nvcc_probe.cu")
+        os.makedirs(os.path.dirname(probe), exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("int main() { return 0; }\n")
+        dry = subprocess.run(
+            [nvcc, "--dryrun", "-c", probe, "-o", probe + ".o"],
+            capture_output=True, text=True, timeout=60,
+        )
+        m = re.search(r"TOP=(\S+)", dry.stdout + dry.stderr)
+        if m:
+            return os.path.realpath(m.group(1).rstrip("/").removesuffix("/bin/.."))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.path.realpath(os.path.join(os.path.dirname(os.path.realpath(nvcc)), ".."))
+
+
+def _pip_cuda_includes() -> list[str]:
+    """Headers of the pip CUDA wheels (ATen's CUDA headers include cusparse.h, cublas.h, ...)."""
+    out = []
+    try:
+        import nvidia  # the namespace package of the nvidia-* wheels torch depends on
+
+        for base in nvidia.__path__:
+            out += sorted(glob.glob(os.path.join(base, "*", "include")))
+    except ImportError:
+        pass
+    return [p for p in out if os.path.isdir(p)]
+
+
+def _max_jobs() -> str:
+    if os.environ.get("MAX_JOBS"):
+        return os.environ["MAX_JOBS"]
+    cores = os.cpu_count() or 1
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gb = 8.0
+    # nvcc on a templated ATen translation unit peaks near 4 GB.
+    return str(max(1, min(cores, int(mem_gb // 4))))
+
+
+def _want_cuda() -> tuple[bool, str]:
+    flag = os.environ.get("VTW_BUILD_CUDA", "").strip()
+    if flag == "0":
+        return False, "VTW_BUILD_CUDA=0"
+    import torch  # noqa: F401  (imported after CUDA_HOME is set)
+
+    if torch.version.cuda is None:
+        why = f"torch {torch.__version__} is a CPU build"
+    elif os.environ.get("CUDA_HOME") is None:
+        why = "no CUDA toolkit (nvcc) was found; set CUDA_HOME or put nvcc on PATH"
+    else:
+        return True, f"CUDA toolkit {os.environ['CUDA_HOME']}, torch CUDA {torch.version.cuda}"
+    if flag == "1":
+        raise SystemExit(f"[vtw setup] VTW_BUILD_CUDA=1 but the CUDA build is impossible: {why}")
+    return False, why
+
+
+def _extensions():
+    cuda_home = None if os.environ.get("VTW_BUILD_CUDA") == "0" else _find_cuda_home()
+    if cuda_home:
+        # torch.utils.cpp_extension reads CUDA_HOME at import: set it first.
+        os.environ["CUDA_HOME"] = cuda_home
+    os.environ.setdefault("MAX_JOBS", _max_jobs())
+    with_cuda, why = _want_cuda()
+
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++20", "-fdiagnostics-color=always"]
+    if sys.platform != "win32":
+        cxx.append("-fopenmp")
+    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        if not os.environ["TORCH_CUDA_ARCH_LIST"].strip():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+        _log(f"building the CUDA kernels ({why}) for {os.environ['TORCH_CUDA_ARCH_LIST']}, "
+             f"MAX_JOBS={os.environ['MAX_JOBS']}")
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        ext = CUDAExtension(
+            "vtw_kernels._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")] + _pip_cuda_includes(),
+            define_macros=define_macros + [("VTW_WITH_CUDA", None)],
+            extra_compile_args={
+                "cxx": cxx,
+                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
+            },
+            extra_link_args=["-fopenmp"] if sys.platform != "win32" else [],
+            py_limited_api=True,
+        )
+    else:
+        _log(f"CPU-only build ({why}): the CUDA kernels are skipped; CUDA tensors will use the "
+             "Triton kernels where Triton is installed")
+        ext = CppExtension(
+            "vtw_kernels._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"] if sys.platform != "win32" else [],
+            py_limited_api=True,
+        )
+    return [ext]
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(no_python_abi_suffix=True)
+
+
+setup(
+    packages=find_packages(include=["vtw_kernels", "vtw_kernels.*"])
+    + find_packages("python", include=["vtw", "vtw.*"]),
+    package_dir={"vtw_kernels": "vtw_kernels", "vtw": "python/vtw"},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": _build_ext()},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

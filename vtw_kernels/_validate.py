@@ -1,0 +1,181 @@
+"""Argument checks shared by the Python wrappers, the fake kernels and the pure-PyTorch backend.
+
+They mirror csrc/checks.h (the C++ backends' checks) message for message, so an invalid
+argument gets the same error whatever the backend. None of them reads tensor data: they never
+synchronise with the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_float(t: torch.Tensor, op: str, name: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {_dtype_name(t.dtype)}")
+
+
+def check_same_device(t: torch.Tensor, ref: torch.Tensor, op: str, name: str, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+
+
+def check_mask(visual_mask: torch.Tensor, op: str) -> None:
+    if not isinstance(visual_mask, torch.Tensor):
+        raise TypeError(f"{op}: visual_mask must be a tensor, got {type(visual_mask).__name__}")
+    if visual_mask.dim() != 2:
+        raise ValueError(
+            f"{op}: visual_mask must be 2-D [B, S], got {visual_mask.dim()}-D with shape {list(visual_mask.shape)}"
+        )
+    if visual_mask.dtype != torch.bool:
+        raise TypeError(f"{op}: visual_mask must be a bool tensor, got {_dtype_name(visual_mask.dtype)}")
+
+
+def check_withdraw(hidden: torch.Tensor, visual_mask: torch.Tensor, num_keep) -> None:
+    op = "vtw.withdraw"
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"{op}: hidden must be a tensor, got {type(hidden).__name__}")
+    if hidden.dim() != 3:
+        raise ValueError(f"{op}: hidden must be 3-D [B, S, D], got {hidden.dim()}-D with shape {list(hidden.shape)}")
+    check_float(hidden, op, "hidden")
+    check_mask(visual_mask, op)
+    check_same_device(visual_mask, hidden, op, "visual_mask", "hidden")
+    if tuple(visual_mask.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(
+            f"{op}: visual_mask must have shape [B, S] = {list(hidden.shape[:2])} to match hidden, "
+            f"got {list(visual_mask.shape)}"
+        )
+    if hidden.shape[2] > 1 and hidden.stride(2) != 1:
+        raise ValueError(
+            f"{op}: hidden must have a contiguous last dimension (stride 1), got strides {list(hidden.stride())}"
+        )
+    if num_keep is not None:
+        if isinstance(num_keep, bool) or not isinstance(num_keep, (int, torch.SymInt)):
+            raise TypeError(f"{op}: num_keep must be an int or None, got {type(num_keep).__name__}")
+        torch._check(num_keep >= 0, lambda: f"{op}: num_keep must be >= 0, got {num_keep}")
+
+
+def num_keep_error(num_keep: int, row: int, kept: int) -> ValueError:
+    return ValueError(
+        f"vtw.withdraw: num_keep must be >= the number of kept tokens of every row; got num_keep = "
+        f"{num_keep} but row {row} keeps {kept} tokens (withdraw never truncates)"
+    )
+
+
+def check_compact_kv(keys, values, visual_mask: torch.Tensor) -> None:
+    op = "vtw.compact_kv_"
+    check_mask(visual_mask, op)
+    if len(keys) != len(values):
+        raise ValueError(
+            f"{op}: keys and values must hold one tensor per layer each, got {len(keys)} keys and {len(values)} values"
+        )
+    B, S = visual_mask.shape
+    H = S_cap = None
+    seen = set()
+    for list_name, ts in (("keys", keys), ("values", values)):
+        for i, t in enumerate(ts):
+            name = f"{list_name}[{i}]"
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(f"{op}: {name} must be 4-D [B, H, S_cap, Dh], got {t.dim()}-D with shape {list(t.shape)}")
+            check_float(t, op, name)
+            check_same_device(t, visual_mask, op, name, "visual_mask")
+            if t.shape[0] != B:
+                raise ValueError(
+                    f"{op}: {name} must have batch size B = {B} (visual_mask is {list(visual_mask.shape)}), got shape {list(t.shape)}"
+                )
+            if H is None:
+                H, S_cap = t.shape[1], t.shape[2]
+            if t.shape[1] != H or t.shape[2] != S_cap:
+                raise ValueError(
+                    f"{op}: {name} must share H and S_cap with keys[0] ([{H}, {S_cap}]), got shape {list(t.shape)}"
+                )
+            if t.shape[2] < S:
+                raise ValueError(
+                    f"{op}: {name} must have S_cap >= S = {S} (the length of visual_mask), got S_cap = {t.shape[2]}"
+                )
+            if t.shape[3] > 1 and t.stride(3) != 1:
+                raise ValueError(
+                    f"{op}: {name} must have a contiguous last dimension (stride 1), got strides {list(t.stride())}"
+                )
+            if torch._debug_has_internal_overlap(t) == 1:
+                raise ValueError(
+                    f"{op}: {name} has elements that share memory (an expanded tensor?); it is written in place, "
+                    "so it must not overlap itself"
+                )
+            if t.numel() > 0:
+                ptr = t.data_ptr()
+                if ptr in seen:
+                    raise ValueError(
+                        f"{op}: {name} shares its memory with another cache tensor; each layer's keys and values "
+                        "must be distinct tensors"
+                    )
+                seen.add(ptr)
+
+
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 160, 192, 224, 256)
+
+
+def _check_attention_common(q, k, v, op: str, q_rank: int, kv_rank: int, kv_layout: str) -> None:
+    for name, t, rank, layout in (("q", q, q_rank, "[T, Hq, D]" if q_rank == 3 else "[B, Hq, D]"),
+                                  ("k" if kv_rank == 3 else "k_cache", k, kv_rank, kv_layout),
+                                  ("v" if kv_rank == 3 else "v_cache", v, kv_rank, kv_layout)):
+        if t.dim() != rank:
+            raise ValueError(f"{op}: {name} must be {rank}-D {layout}, got {t.dim()}-D with shape {list(t.shape)}")
+        check_float(t, op, name)
+        check_same_device(t, q, op, name, "q")
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"{op}: {name} must have a contiguous last dimension (stride 1), got strides {list(t.stride())}")
+    kname, vname = ("k", "v") if kv_rank == 3 else ("k_cache", "v_cache")
+    for name, t in ((kname, k), (vname, v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} must have the dtype of q ({_dtype_name(q.dtype)}), got {_dtype_name(t.dtype)}")
+    D = q.shape[-1]
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{op}: head dim D = {D} of q is not supported; expected one of {SUPPORTED_HEAD_DIMS}")
+    if k.shape[-1] != D or v.shape[-1] != D:
+        raise ValueError(
+            f"{op}: {kname} and {vname} must have the head dim of q ({D}), got {list(k.shape)} and {list(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: {kname} and {vname} must have the same shape, got {list(k.shape)} and {list(v.shape)}")
+    hq, hkv = q.shape[-2], (k.shape[-2] if kv_rank == 3 else k.shape[1])
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"{op}: the number of query heads ({hq}) must be a multiple of the number of KV heads ({hkv})")
+
+
+def _check_lens(t, op: str, name: str, length: int, ref: torch.Tensor, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{op}: {name} must be int32, got {_dtype_name(t.dtype)}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{op}: {name} must be 1-D of length {what} = {length}, got shape {list(t.shape)}")
+    check_same_device(t, ref, op, name, "q")
+
+
+def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+    op = "vtw.varlen_attention"
+    _check_attention_common(q, k, v, op, 3, 3, "[Tk, Hkv, D]")
+    if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] < 1:
+        raise ValueError(f"{op}: cu_seqlens_q must be a 1-D int32 tensor of length B+1 >= 1")
+    nb = cu_seqlens_q.shape[0]
+    _check_lens(cu_seqlens_q, op, "cu_seqlens_q", nb, q, "B+1")
+    _check_lens(cu_seqlens_k, op, "cu_seqlens_k", nb, q, "B+1 (the length of cu_seqlens_q)")
+    torch._check(max_seqlen_q >= 0, lambda: f"{op}: max_seqlen_q must be >= 0, got {max_seqlen_q}")
+    torch._check(max_seqlen_k >= 0, lambda: f"{op}: max_seqlen_k must be >= 0, got {max_seqlen_k}")
+
+
+def check_decode(q, k_cache, v_cache, cache_seqlens) -> None:
+    op = "vtw.decode_attention"
+    _check_attention_common(q, k_cache, v_cache, op, 3, 4, "[B, Hkv, S_cap, D]")
+    if k_cache.shape[0] != q.shape[0]:
+        raise ValueError(f"{op}: k_cache must have the batch size of q ({q.shape[0]}), got shape {list(k_cache.shape)}")
+    _check_lens(cache_seqlens, op, "cache_seqlens", q.shape[0], q, "B")
