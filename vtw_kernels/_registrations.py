@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate
+from . import _ext, _validate
+from .ops import OPS, _triton_impls
 
 
 def register() -> None:
@@ -58,3 +59,10 @@ def register() -> None:
         return grad[:, :S], None, None, None
 
     torch.library.register_autograd("vtw::withdraw", _withdraw_backward, setup_context=_withdraw_setup)
+
+    # Without compiled CUDA kernels, CUDA tensors reaching torch.ops.vtw.* go to Triton.
+    triton_kernels = _triton_impls()
+    if triton_kernels is not None:
+        for op in OPS:
+            if not _ext.has_kernel(op, "CUDA") and hasattr(triton_kernels, op):
+                torch.library.register_kernel(f"vtw::{op}", "cuda", getattr(triton_kernels, op))
