@@ -23,6 +23,7 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # FlashAttention's list (Ampere, Hopper, Blackwell), with PTX of the newest for later GPUs.
 DEFAULT_ARCHS = "8.0;9.0;10.0;12.0+PTX"
+_WITH_CUDA = False
 
 
 def _log(msg: str) -> None:
@@ -109,6 +110,8 @@ def _extensions():
         os.environ["CUDA_HOME"] = cuda_home
     os.environ.setdefault("MAX_JOBS", _max_jobs())
     with_cuda, why = _want_cuda()
+    global _WITH_CUDA
+    _WITH_CUDA = with_cuda
 
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -154,7 +157,15 @@ def _extensions():
 def _build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(no_python_abi_suffix=True)
+    class Build(BuildExtension):
+        """Keeps the object files in build/temp.* (pip's editable builds otherwise use a fresh
+        temporary folder each time), so ninja rebuilds only what changed."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(ROOT, "build", "temp." + ("cuda" if _WITH_CUDA else "cpu"))
+
+    return Build.with_options(no_python_abi_suffix=True)
 
 
 setup(
