@@ -120,7 +120,9 @@ def check_compact_kv(keys, values, visual_mask: torch.Tensor) -> None:
                 seen.add(ptr)
 
 
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 160, 192, 224, 256)
+# Every multiple of 16 from 64 to 256: the Triton kernels pad the head dim to a power of two
+# with masked loads, the CPU kernels loop over it.
+SUPPORTED_HEAD_DIMS = tuple(range(64, 257, 16))
 
 
 def _check_attention_common(q, k, v, op: str, q_rank: int, kv_rank: int, kv_layout: str) -> None:
@@ -139,7 +141,7 @@ def _check_attention_common(q, k, v, op: str, q_rank: int, kv_rank: int, kv_layo
             raise TypeError(f"{op}: {name} must have the dtype of q ({_dtype_name(q.dtype)}), got {_dtype_name(t.dtype)}")
     D = q.shape[-1]
     if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"{op}: head dim D = {D} of q is not supported; expected one of {SUPPORTED_HEAD_DIMS}")
+        raise ValueError(f"{op}: head dim D = {D} of q is not supported; expected a multiple of 16 from 64 to 256")
     if k.shape[-1] != D or v.shape[-1] != D:
         raise ValueError(
             f"{op}: {kname} and {vname} must have the head dim of q ({D}), got {list(k.shape)} and {list(v.shape)}"
@@ -179,3 +181,35 @@ def check_decode(q, k_cache, v_cache, cache_seqlens) -> None:
     if k_cache.shape[0] != q.shape[0]:
         raise ValueError(f"{op}: k_cache must have the batch size of q ({q.shape[0]}), got shape {list(k_cache.shape)}")
     _check_lens(cache_seqlens, op, "cache_seqlens", q.shape[0], q, "B")
+
+
+def check_varlen_values(cu_q: list[int], cu_k: list[int], t_q: int, t_k: int, max_seqlen_q: int,
+                        max_seqlen_k: int) -> None:
+    """Checks the values of cu_seqlens_q/k (already read on the host). The CPU kernel checks the
+    same in C++; the GPU kernels cannot without a synchronisation (see vtw_kernels.triton.attention)."""
+    op = "vtw.varlen_attention"
+    for name, c, t, tname, max_len, max_name in (("cu_seqlens_q", cu_q, t_q, "q", max_seqlen_q, "max_seqlen_q"),
+                                                 ("cu_seqlens_k", cu_k, t_k, "k", max_seqlen_k, "max_seqlen_k")):
+        if c[0] < 0:
+            raise ValueError(f"{op}: {name}[0] must be >= 0, got {c[0]}")
+        for b in range(len(c) - 1):
+            if c[b + 1] < c[b]:
+                raise ValueError(
+                    f"{op}: {name} must be non-decreasing, got {name}[{b}] = {c[b]} > {name}[{b + 1}] = {c[b + 1]}"
+                )
+            if c[b + 1] - c[b] > max_len:
+                raise ValueError(
+                    f"{op}: {max_name} = {max_len} is smaller than the length {c[b + 1] - c[b]} of sequence {b} ({name})"
+                )
+        if c[-1] > t:
+            raise ValueError(f"{op}: {name}[-1] = {c[-1]} exceeds the number of tokens of {tname} ({t})")
+
+
+def check_decode_values(lens: list[int], s_cap: int) -> None:
+    """Checks the values of cache_seqlens (already read on the host): 0 <= len <= S_cap."""
+    for b, n in enumerate(lens):
+        if n < 0 or n > s_cap:
+            raise ValueError(
+                f"vtw.decode_attention: cache_seqlens[{b}] = {n} is outside [0, S_cap = {s_cap}] "
+                "(S_cap is k_cache.shape[2])"
+            )

@@ -76,6 +76,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out = torch.zeros_like(q)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    _validate.check_varlen_values(cq, ck, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     for b in range(len(cq) - 1):
         q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
         if q1 > q0:
@@ -87,7 +88,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None):
     B, Hq, D = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     out = torch.zeros_like(q)
-    for b, n in enumerate(cache_seqlens.tolist()):
+    lens = cache_seqlens.tolist()
+    _validate.check_decode_values(lens, k_cache.shape[2])  # never truncate a row silently
+    for b, n in enumerate(lens):
         if n > 0:
             k = k_cache[b, :, :n].transpose(0, 1)  # [n, Hkv, D]; nothing past n is read
             v = v_cache[b, :, :n].transpose(0, 1)
