@@ -1,0 +1,539 @@
+"""`vtw.enable` / `vtw.disable`: Visual Tokens Withdrawal inside a Hugging Face model (transformers 5.x).
+
+How it is wired (see :mod:`vtw.models` for which modules of a model are used):
+
+- A forward pre-hook on the *outer* model (the module that receives ``input_ids``) computes, once
+  per forward and before any decoder layer runs, the ``[B, S]`` *withdraw mask*: the visual tokens
+  (config image/video token ids, or the user's ``visual_mask`` callable) together with the padding
+  of this chunk (``attention_mask == 0``), and the number of slots the deep layers will run on
+  (``num_keep``: 1 for a one-token decode step; ``S`` under ``torch.compile``; otherwise the
+  largest number of kept tokens in a row, read with one host synchronisation outside the layer
+  loop).
+- Each decoder layer's ``forward`` is replaced (instance attribute) by a thin wrapper. Layers
+  ``< K`` run unchanged on every token. Layer ``K`` gathers, with ``torch.ops.vtw.withdraw``
+  (``num_keep`` given: no host synchronisation), the hidden states, and with the same
+  ``keep_index`` the rotary ``(cos, sin)`` (for Qwen2-VL those are built from all three M-RoPE
+  position streams, so every stream keeps its original values), the ``position_ids`` the layers
+  receive, and builds the deep layers' attention mask from the gathered padding mask. Layers
+  ``>= K`` run on those. The last layer scatters its output back to ``[B, S, D]``.
+- Layers ``>= K`` write their KV caches with text-only slots. The cache carries a small record
+  (``cache._vtw_book``): the deep layers' ``[B, slots]`` padding mask, which grows with the deep
+  caches (a fixed ``[B, max_cache_len]`` buffer for ``StaticCache``). The deep layers' mask uses
+  the lengths of layer K's own cache (text slots + generated tokens), the shallow layers' mask
+  the usual ones (all tokens), and rotary embeddings always use the original position ids.
+
+What the model returns: at text positions, exactly the withdrawn model's hidden states (and
+logits). At withdrawn positions (visual tokens, padding) it returns the hidden state that entered
+layer K, passed through the final norm (an "early exit" value), since those tokens do not exist in
+the deep layers. Generation only reads the last position, which is text in any prompt that ends
+with text. With ``output_hidden_states``, the deep layers' entries are in the withdrawn layout
+``[B, num_keep, D]`` (except the last, which is scattered back).
+
+A token carrying an image/video token id is withdrawn wherever it appears, including a generated
+one (random-weight models generate such ids; trained ones do not).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import vtw_kernels
+
+from . import models as _models
+
+MODES = ("withdraw", "compact")
+_WITHDRAW_KW = "vtw_withdraw_mask"
+_NUM_KEEP_KW = "vtw_num_keep"
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+
+def enable(model: nn.Module, layer: int, *, visual_mask=None, mode: str = "withdraw") -> nn.Module:
+    """Withdraws the visual tokens of `model` from decoder layer `layer` on (in place; returns `model`).
+
+    Args:
+        model: a Hugging Face multimodal model (``LlavaForConditionalGeneration``, ``LlavaModel``,
+            LLaVA-NeXT, LLaVA-OneVision, Video-LLaVA, Qwen2-VL, Qwen2.5-VL, ...; see :mod:`vtw.models`).
+        layer: 0-based index K of the first decoder layer that no longer sees visual tokens;
+            ``layer == number of decoder layers`` withdraws nothing and reproduces the model.
+        visual_mask: optional callable ``inputs -> [B, S] bool tensor`` (True = visual), called once
+            per forward with a dict of the outer model's inputs by name (``input_ids``,
+            ``attention_mask``, ``pixel_values``, ...; ``S`` is the length of this forward's chunk).
+            Default: the tokens whose id is one of the config's image/video token ids.
+        mode: ``"withdraw"`` (the paper's algorithm: layers ``>= K`` never see visual tokens) or
+            ``"compact"`` (a forward of several tokens runs every layer on every token, which gives
+            the unmodified model's first token, then the KV caches of layers ``>= K`` are compacted
+            in place to their text tokens; one-token decode steps run as in ``"withdraw"``).
+    """
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"vtw.enable: layer must be an int, got {type(layer).__name__}")
+    if visual_mask is not None and not callable(visual_mask):
+        raise TypeError("vtw.enable: visual_mask must be a callable taking the model inputs (a dict) and "
+                        f"returning a [B, S] bool tensor, got {type(visual_mask).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"vtw.enable: mode must be one of {MODES}, got {mode!r}")
+    wiring = _models.resolve(model)
+    num_layers = len(wiring.layers)
+    if not 0 <= layer <= num_layers:
+        raise ValueError(f"vtw.enable: layer must be in [0, {num_layers}] ({type(wiring.text_model).__name__} has "
+                         f"{num_layers} decoder layers; {num_layers} withdraws nothing), got {layer}")
+    if visual_mask is None and not wiring.token_ids:
+        raise ValueError(f"vtw.enable: {type(model).__name__} has no image/video token id in its config "
+                         "(image_token_id, video_token_id); pass visual_mask= (a callable returning the [B, S] "
+                         "bool mask of visual tokens)")
+    layer_types = getattr(wiring.text_model.config, "layer_types", None)
+    if layer_types is not None:
+        for i in range(layer, num_layers):
+            if layer_types[i] != "full_attention":
+                raise NotImplementedError(
+                    f"vtw.enable: decoder layer {i} of {type(wiring.text_model).__name__} is {layer_types[i]!r}; "
+                    "withdrawal supports full-attention layers from `layer` on (a sliding window over "
+                    "withdrawn positions is not defined)")
+    if getattr(wiring.text_model, "_vtw_state", None) is not None:
+        _uninstall(wiring.text_model._vtw_state)
+    state = _State(wiring, layer, mode, visual_mask)
+    _install(state)
+    return model
+
+
+def disable(model: nn.Module) -> nn.Module:
+    """Restores `model` exactly as it was before `vtw.enable` (in place; returns `model`).
+    A model that was not enabled is returned unchanged."""
+    wiring = _models.resolve(model)
+    state = getattr(wiring.text_model, "_vtw_state", None)
+    if state is not None:
+        _uninstall(state)
+    return model
+
+
+def is_enabled(model: nn.Module) -> bool:
+    """Whether `vtw.enable` is in effect on `model`."""
+    return getattr(_models.resolve(model).text_model, "_vtw_state", None) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Installation
+
+
+class _State:
+    """Everything vtw keeps on an enabled model, plus the values of the forward in progress."""
+
+    def __init__(self, wiring: _models.Wiring, layer: int, mode: str, visual_mask):
+        self.wiring = wiring
+        self.layer = layer
+        self.mode = mode
+        self.visual_mask = visual_mask
+        self.num_layers = len(wiring.layers)
+        self.token_ids = wiring.token_ids
+        self._token_tensors: dict = {}
+        self.handles: list = []
+        self.generator = None
+        self.generator_had_attr = False
+        self.generator_attr = None
+        self.pending: tuple | None = None  # (withdraw_mask [B, S], num_keep) of the forward in progress
+        self.deep: _Deep | None = None  # the deep layers' tensors of the forward in progress
+
+    @property
+    def config(self):
+        return self.wiring.text_model.config
+
+    @property
+    def active(self) -> bool:
+        return self.layer < self.num_layers
+
+    def token_tensor(self, device):
+        t = self._token_tensors.get(device)
+        if t is None:
+            t = torch.tensor(self.token_ids, dtype=torch.long, device=device)
+            self._token_tensors[device] = t
+        return t
+
+
+def _keep_2d_mask(*args, attention_mask=None, **kwargs):
+    """Replaces `create_masks_for_generate` while vtw is enabled: generate then passes the 2D
+    padding mask (which the deep layers need) instead of prebuilt 4D masks."""
+    return attention_mask
+
+
+def _install(state: _State) -> None:
+    w = state.wiring
+    for i, layer in enumerate(w.layers):
+        if "forward" in layer.__dict__:
+            raise RuntimeError(f"vtw.enable: decoder layer {i} already has a patched forward (another tool?); "
+                               "vtw will not stack on top of it")
+        orig = layer.forward
+        layer.forward = functools.partial(_layer_forward, state, i, orig)
+    # The visual mask, once per forward, before the vision tower and the decoder run.
+    ref = weakref.ref(state)
+    state.handles.append(w.outer.register_forward_pre_hook(
+        functools.partial(_pre_hook, ref, w.outer_params), with_kwargs=True))
+    if w.text_model is not w.outer:
+        state.handles.append(w.text_model.register_forward_pre_hook(
+            functools.partial(_pre_hook, ref, w.text_params), with_kwargs=True))
+    state.handles.append(w.text_model.register_forward_hook(functools.partial(_clear_hook, ref), always_call=True))
+    if w.outer is not w.text_model:
+        state.handles.append(w.outer.register_forward_hook(functools.partial(_clear_hook, ref), always_call=True))
+    # generate() builds 4D masks itself for compileable caches; vtw needs the 2D one.
+    gen = w.model if hasattr(w.model, "generate") else None
+    if gen is not None:
+        state.generator = gen
+        state.generator_had_attr = "create_masks_for_generate" in gen.__dict__
+        state.generator_attr = gen.__dict__.get("create_masks_for_generate")
+        gen.create_masks_for_generate = _keep_2d_mask
+    w.text_model._vtw_state = state
+
+
+def _uninstall(state: _State) -> None:
+    w = state.wiring
+    for layer in w.layers:
+        fwd = layer.__dict__.get("forward")
+        if isinstance(fwd, functools.partial) and fwd.func is _layer_forward:
+            del layer.forward
+    for h in state.handles:
+        h.remove()
+    state.handles.clear()
+    gen = state.generator
+    if gen is not None:
+        if state.generator_had_attr:
+            gen.create_masks_for_generate = state.generator_attr
+        else:
+            gen.__dict__.pop("create_masks_for_generate", None)
+    state.pending = None
+    state.deep = None
+    if w.text_model.__dict__.get("_vtw_state") is state:
+        del w.text_model._vtw_state
+
+
+# --------------------------------------------------------------------------------------------
+# The visual mask, once per forward
+
+
+def _pre_hook(ref, param_names, module, args, kwargs):
+    state = ref()
+    if state is None or not state.active:
+        return None
+    inputs = dict(zip(param_names, args))
+    inputs.update(kwargs)
+    is_text = module is state.wiring.text_model and module is not state.wiring.outer
+    if is_text and inputs.get("input_ids") is None and state.visual_mask is None:
+        return None  # the outer model's hook already did it (the text model gets inputs_embeds)
+    if is_text and state.pending is not None and state.visual_mask is not None:
+        return None  # the callable gets the outer model's inputs
+    state.pending = _withdraw_mask(state, inputs)
+    return None
+
+
+def _clear_hook(ref, module, args, kwargs_or_output, *rest):
+    state = ref()
+    if state is not None:
+        state.pending = None
+        state.deep = None
+    return None
+
+
+def _withdraw_mask(state: _State, inputs: dict):
+    ids = inputs.get("input_ids")
+    embeds = inputs.get("inputs_embeds")
+    ref_tensor = ids if ids is not None else embeds
+    if ref_tensor is None:
+        raise ValueError("vtw: the model was called without input_ids or inputs_embeds")
+    B, S = ref_tensor.shape[0], ref_tensor.shape[1]
+    if state.visual_mask is not None:
+        vm = state.visual_mask(inputs)
+        if not isinstance(vm, torch.Tensor):
+            raise TypeError(f"vtw: visual_mask must return a torch.Tensor, got {type(vm).__name__}")
+        if vm.dtype != torch.bool:
+            raise TypeError(f"vtw: visual_mask must return a bool tensor, got {vm.dtype}")
+        if tuple(vm.shape) != (B, S):
+            raise ValueError(f"vtw: visual_mask returned a mask of shape {tuple(vm.shape)}, but the inputs are "
+                             f"[B, S] = [{B}, {S}]")
+        vm = vm.to(ref_tensor.device)
+    elif ids is None:
+        raise ValueError("vtw: this forward has inputs_embeds but no input_ids, so the visual tokens cannot be "
+                         "found from the image/video token ids; pass input_ids, or give vtw.enable a "
+                         "visual_mask= callable")
+    else:
+        vm = torch.isin(ids, state.token_tensor(ids.device))
+    am = inputs.get("attention_mask")
+    if am is not None:
+        if not isinstance(am, torch.Tensor) or am.ndim != 2:
+            raise ValueError("vtw: attention_mask must be the 2D [B, past + S] padding mask (vtw builds the deep "
+                             f"layers' masks from it), got {type(am).__name__}"
+                             f"{' of shape ' + str(tuple(am.shape)) if isinstance(am, torch.Tensor) else ''}")
+        if am.shape[0] != B or am.shape[1] < S:
+            raise ValueError(f"vtw: attention_mask has shape {tuple(am.shape)}, expected [{B}, past + {S}]")
+        vm = vm | (am[:, am.shape[1] - S:] == 0).to(vm.device)
+    if S <= 1 or torch.compiler.is_compiling():
+        num_keep = S
+    else:  # one host synchronisation per forward, before the layer loop
+        num_keep = max(int((~vm).sum(1).max()), 1)
+    return vm, num_keep
+
+
+# --------------------------------------------------------------------------------------------
+# The decoder layers
+
+
+@dataclass
+class _Deep:
+    """The deep layers' view of the forward in progress."""
+
+    hidden: torch.Tensor  # [B, num_keep, D], input of layer K
+    full: torch.Tensor  # [B, S, D], input of layer K
+    keep_index: torch.Tensor  # [B, num_keep] int64, -1 in padding slots
+    valid: torch.Tensor  # [B, num_keep] bool
+    mask: object  # the deep layers' attention mask (4D tensor, None, ...)
+    position_embeddings: tuple | None
+    position_ids: torch.Tensor | None
+
+    def scatter_back(self, out: torch.Tensor) -> torch.Tensor:
+        B, S, D = self.full.shape
+        buf = torch.cat([self.full, self.full.new_zeros(B, 1, D)], dim=1)
+        index = torch.where(self.valid, self.keep_index, S)
+        buf.scatter_(1, index[..., None].expand(-1, -1, D), out.to(buf.dtype))
+        return buf[:, :S]
+
+
+def _layer_forward(state: _State, idx: int, orig, hidden_states, *args, **kwargs):
+    explicit_mask = kwargs.pop(_WITHDRAW_KW, None)
+    explicit_keep = kwargs.pop(_NUM_KEEP_KW, None)
+    K = state.layer
+    if idx < K:
+        return orig(hidden_states, *args, **kwargs)
+    if args:
+        raise TypeError(f"vtw: decoder layer {idx} was called with {len(args)} extra positional arguments; vtw "
+                        "needs attention_mask, position_embeddings, position_ids and cache as keywords")
+    if idx == K:
+        deep = _begin(state, hidden_states, kwargs, explicit_mask, explicit_keep)
+        state.deep = deep
+        hidden_states = deep.hidden
+    else:
+        deep = state.deep
+        if deep is None:
+            raise RuntimeError(f"vtw: decoder layer {idx} ran before layer {K} in this forward")
+    kwargs["attention_mask"] = deep.mask
+    if "position_embeddings" in kwargs:
+        kwargs["position_embeddings"] = deep.position_embeddings
+    if "position_ids" in kwargs:
+        kwargs["position_ids"] = deep.position_ids
+    out = orig(hidden_states, **kwargs)
+    if idx == state.num_layers - 1:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"vtw: decoder layer {idx} returned {type(out).__name__}; vtw needs layers that return "
+                            "the hidden states as a tensor (transformers 5.x)")
+        out = deep.scatter_back(out)
+        state.deep = None
+    return out
+
+
+def _gather_seq(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t [1 or B, S, ...] -> [B, n, ...], t[b, index[b, j]] (index >= 0)."""
+    B, n = index.shape
+    t = t.expand(B, *t.shape[1:])
+    idx = index.view(B, n, *([1] * (t.ndim - 2))).expand(B, n, *t.shape[2:])
+    return t.gather(1, idx)
+
+
+def _withdraw(hidden, mask, num_keep):
+    if torch.compiler.is_compiling() and vtw_kernels.HAS_C:
+        return torch.ops.vtw.withdraw(hidden, mask, num_keep, False)
+    return vtw_kernels.withdraw(hidden, mask, num_keep=num_keep)
+
+
+def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep) -> _Deep:
+    B, S, _ = hidden.shape
+    if explicit_mask is not None:
+        wmask = explicit_mask
+        num_keep = S if explicit_keep is None else explicit_keep
+    elif state.pending is not None:
+        wmask, num_keep = state.pending
+    else:
+        raise RuntimeError("vtw: no withdraw mask for this forward: call the model (or its language model) with "
+                           "input_ids, or give vtw.enable a visual_mask= callable")
+    if tuple(wmask.shape) != (B, S):
+        raise ValueError(f"vtw: the visual mask has shape {tuple(wmask.shape)} but decoder layer {state.layer} "
+                         f"received hidden states of [B, S] = [{B}, {S}]")
+    wmask = wmask.to(hidden.device)
+    res = _withdraw(hidden, wmask, num_keep)
+    keep_index = res.keep_index if hasattr(res, "keep_index") else res[1]
+    out = res.out if hasattr(res, "out") else res[0]
+    valid = keep_index >= 0
+    gidx = keep_index.clamp(min=0)
+    pe = kwargs.get("position_embeddings")
+    if pe is not None:
+        pe = tuple(_gather_seq(t, gidx) for t in pe)
+    pos = kwargs.get("position_ids")
+    if isinstance(pos, torch.Tensor):
+        if pos.ndim == 2:
+            pos = _gather_seq(pos, gidx)
+        elif pos.ndim == 3:  # [streams, B, S]
+            pos = torch.stack([_gather_seq(p, gidx) for p in pos.unbind(0)])
+    cache = kwargs.get("cache")
+    deep_padding = _deep_padding(state, cache, valid, S)
+    mask = _deep_causal_mask(state, out, deep_padding, cache)
+    return _Deep(hidden=out, full=hidden, keep_index=keep_index, valid=valid, mask=mask,
+                 position_embeddings=pe, position_ids=pos)
+
+
+def _deep_causal_mask(state: _State, inputs_embeds, padding, cache):
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask(config=state.config, inputs_embeds=inputs_embeds, attention_mask=padding,
+                              cache=_DeepView(cache, state.layer) if cache is not None else None,
+                              position_ids=None, layer_idx=state.layer)
+
+
+# --------------------------------------------------------------------------------------------
+# Cache bookkeeping
+
+
+class _DeepView:
+    """What `create_causal_mask` reads from a cache, for the deep layers: layer K's own lengths."""
+
+    def __init__(self, cache, layer: int):
+        self.cache = cache
+        self.layer = layer
+
+    @property
+    def is_compileable(self):
+        return getattr(self.cache, "is_compileable", False)
+
+    def _layer(self):
+        layers = self.cache.layers
+        return layers[self.layer] if self.layer < len(layers) else None
+
+    def get_query_offset(self, layer_idx: int = 0):
+        lay = self._layer()
+        return lay.get_seq_length() if lay is not None else 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0):
+        lay = self._layer()
+        return lay.get_mask_sizes(query_length) if lay is not None else (query_length, 0)
+
+
+class _Book:
+    """vtw's record on a cache: the deep layers' padding mask over their slots."""
+
+    def __init__(self, layer: int):
+        self.layer = layer
+        self.mask: torch.Tensor | None = None  # [B, slots] bool
+        self.full_len = None  # K == 0 only: tokens seen by the model (layer 0's cache is text-only)
+
+
+def _is_static(lay) -> bool:
+    return lay is not None and hasattr(lay, "max_cache_len") and getattr(lay, "is_compileable", False)
+
+
+def _deep_padding(state: _State, cache, valid: torch.Tensor, S: int):
+    if cache is None:
+        return valid
+    K = state.layer
+    book = getattr(cache, "_vtw_book", None)
+    if book is None or book.layer != K:
+        if book is not None:
+            raise ValueError(f"vtw: this cache was filled with withdrawal at layer {book.layer}, the model now "
+                             f"withdraws at layer {K}; start from a new cache")
+        book = _Book(K)
+        cache._vtw_book = book
+        if not torch.compiler.is_compiling():
+            _adopt(cache)
+    layers = cache.layers
+    lay = layers[K] if K < len(layers) else None
+    B, n = valid.shape
+    if _is_static(lay):
+        if book.mask is None or book.mask.shape[0] != B:
+            book.mask = torch.zeros(B, lay.max_cache_len, dtype=torch.bool, device=valid.device)
+        past = lay.get_seq_length()
+        slots = torch.arange(n, device=valid.device) + past
+        book.mask.index_copy_(1, slots, valid)
+        deep = book.mask
+        if K == 0:
+            if book.full_len is None:
+                book.full_len = torch.zeros((), dtype=torch.long, device=valid.device)
+            book.full_len.add_(S)
+        return deep
+    past = lay.get_seq_length() if lay is not None else 0
+    prev = book.mask
+    if prev is None:
+        prev = valid.new_zeros(B, 0)
+    if prev.shape[0] != B:
+        raise ValueError(f"vtw: the cache holds {prev.shape[0]} sequences but this forward has {B}")
+    if prev.shape[1] > past:  # the cache was cropped or reset since
+        prev = prev[:, :past]
+    elif prev.shape[1] < past:
+        raise ValueError(f"vtw: layer {K}'s cache holds {past} tokens that vtw did not place (was the cache "
+                         "filled before vtw.enable?); start from a new cache")
+    deep = torch.cat([prev, valid], dim=1)
+    book.mask = deep
+    if K == 0:
+        full = 0 if book.full_len is None else book.full_len
+        book.full_len = full + S
+    return deep
+
+
+class _VtwCacheMixin:
+    """Mixed into a cache class on first use by vtw, so that the cache operations generate()
+    performs (beam reordering, batch selection, cropping, reset) keep vtw's record in step."""
+
+    def get_seq_length(self, layer_idx: int = 0):
+        book = getattr(self, "_vtw_book", None)
+        if book is not None and book.layer == 0 and layer_idx == 0 and book.full_len is not None:
+            return book.full_len
+        return super().get_seq_length(layer_idx)
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)
+        book = getattr(self, "_vtw_book", None)
+        if book is not None and book.mask is not None:
+            book.mask = book.mask.index_select(0, beam_idx.to(book.mask.device))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        book = getattr(self, "_vtw_book", None)
+        if book is not None and book.mask is not None:
+            book.mask = book.mask.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        book = getattr(self, "_vtw_book", None)
+        if book is not None and book.mask is not None:
+            book.mask = book.mask[indices]
+
+    def crop(self, tokens_to_remove: int):
+        super().crop(tokens_to_remove)
+        book = getattr(self, "_vtw_book", None)
+        if book is not None and tokens_to_remove < 0:
+            # The cropped tokens are the last ones generated: text, so one slot each in every layer.
+            if book.full_len is not None:
+                book.full_len = (book.full_len.sub_(-tokens_to_remove) if isinstance(book.full_len, torch.Tensor)
+                                 else book.full_len + tokens_to_remove)
+
+    def reset(self):
+        super().reset()  # a dynamic cache drops its tensors (vtw's mask is cut to them on next use);
+        book = getattr(self, "_vtw_book", None)  # a static one restarts at slot 0 (later slots are masked)
+        if book is not None and book.full_len is not None:
+            book.full_len = book.full_len.zero_() if isinstance(book.full_len, torch.Tensor) else 0
+
+
+_ADOPTED: dict = {}
+
+
+def _adopt(cache) -> None:
+    cls = type(cache)
+    if issubclass(cls, _VtwCacheMixin):
+        return
+    new = _ADOPTED.get(cls)
+    if new is None:
+        new = type(f"Vtw{cls.__name__}", (_VtwCacheMixin, cls), {"__module__": __name__})
+        _ADOPTED[cls] = new
+    cache.__class__ = new
+
+
+__all__ = ["MODES", "disable", "enable", "is_enabled"]
