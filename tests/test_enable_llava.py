@@ -125,24 +125,32 @@ def test_enable_twice_replaces_the_layer(case, enabled):
 
 @pytest.mark.parametrize("K", [1, 3])
 def test_deep_caches_hold_text_tokens_only(case, enabled, K):
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     inputs = batch_inputs(case)
     S = inputs["input_ids"].shape[1]
     enabled(K)
     with torch.no_grad():
         out = case.model.generate(**inputs, **gen_kwargs(case, STEPS))
     texts = text_counts(case)
-    layers = out.cache.layers
-    for i, lay in enumerate(layers):
+    for i, lay in enumerate(out.cache.layers):
         want = S + STEPS - 1 if i < K else max(texts) + STEPS - 1
         assert lay.keys.shape[2] == want and lay.values.shape[2] == want, (i, lay.keys.shape)
-    # Contents: row b's text tokens fill slots 0 .. n_b - 1 in order; compare with the reference's
-    # keys of layer K at the text positions (layer K's input, normed, projected, rotated).
+
+
+def test_deep_cache_contents_are_the_text_tokens(case, enabled):
+    # Row b's text tokens fill slots 0 .. n_b - 1 of the deep caches, in order: compare layer K's
+    # cached keys with the reference's (layer K's input, normed, projected, rotated) at the text positions.
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    K = 2
+    inputs = batch_inputs(case)
+    enabled(K)
+    with torch.no_grad():
+        out = case.model.generate(**inputs, **gen_kwargs(case, 2))
+    cached = out.cache.layers[K].keys
     text = case.text
     layer = text.layers[K]
     with torch.no_grad():
-        for b, prep in enumerate(case.preps):
+        for b, (prep, n) in enumerate(zip(case.preps, text_counts(case))):
             h = prep.embeds[None]
             pos = prep.positions[None]
             cos, sin = text.rotary_emb(h, pos)
@@ -154,8 +162,7 @@ def test_deep_caches_hold_text_tokens_only(case, enabled, K):
             att = layer.self_attn
             k = att.k_proj(x).view(1, x.shape[1], -1, att.head_dim).transpose(1, 2)
             _, k = apply_rotary_pos_emb(k, k, cos[:, keep], sin[:, keep])
-            n = texts[b]
-            torch.testing.assert_close(layers[K].keys[b, :, :n], k[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cached[b, :, :n], k[0], atol=1e-5, rtol=1e-5)
 
 
 def test_follow_up_turn_appends_to_the_cache(case, enabled):

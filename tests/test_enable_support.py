@@ -115,8 +115,8 @@ def prepare(case: Case, sample: Sample) -> Prepared:
     embeds = got["inputs_embeds"][0]
     n = embeds.shape[0]
     if case.mrope:
-        pos = got["position_ids"]
-        pos = pos[-3:, 0] if pos.ndim == 3 else pos[None, 0].expand(3, -1)
+        pos = got["position_ids"]  # [3 or 4, 1, n] from get_rope_index; None for a text-only prompt
+        pos = torch.arange(n)[None].expand(3, -1) if pos is None else pos[-3:, 0]
     else:
         pos = torch.arange(n)
     ids = torch.tensor(sample.ids)
@@ -255,3 +255,288 @@ def llava_case(attn: str = "sdpa", seed: int = 0, layers: int = 4) -> Case:
         return {"pixel_values": torch.cat(pv)} if pv else {}
 
     return Case("llava", model, (63,), 0, samples, batch_mm)
+
+
+def _llama(layers: int, **kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=256, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2, initializer_range=0.2, **kw)
+
+
+def _clip(**kw):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=8, patch_size=2, projection_dim=32, **kw)
+
+
+def _finish(model, attn: str):
+    model = model.eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def _stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """[n_i, ...] tensors -> [len, max n_i, ...], zero-padded (AnyRes tiles: the model slices them)."""
+    n = max(t.shape[0] for t in tensors)
+    out = tensors[0].new_zeros(len(tensors), n, *tensors[0].shape[1:])
+    for i, t in enumerate(tensors):
+        out[i, : t.shape[0]] = t
+    return out
+
+
+def llava_next_case(attn: str = "sdpa", seed: int = 0, layers: int = 4) -> Case:
+    """LLaVA-NeXT: AnyRes tiling of 8x8 tiles (grid pinpoints 8x16, 16x8, 16x16) plus the base
+    image, the features unpadded to the original aspect ratio and one image-newline feature per
+    row. Every one of those features sits on an image token in input_ids, so vtw withdraws the
+    newline features too. The token count per image is read from the model's own
+    get_image_features (the processor's arithmetic)."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    enable_vtw_attention_if_present(attn)
+    cfg = LlavaNextConfig(vision_config=_clip(), text_config=_llama(layers), image_token_index=63,
+                          image_grid_pinpoints=[[8, 16], [16, 8], [16, 16]])
+    torch.manual_seed(seed)
+    model = _finish(LlavaNextForConditionalGeneration(cfg), attn)
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def image(h, w):
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        tiles = image_size_to_num_patches((h, w), cfg.image_grid_pinpoints, 8)
+        pv = torch.randn(tiles, 3, 8, 8, generator=g)
+        with torch.no_grad():
+            feats = model.model.get_image_features(pv, torch.tensor([[h, w]])).pooler_output
+        return pv, (h, w), feats[0].shape[0]
+
+    def sample(parts):
+        ids, pvs, sizes = [], [], []
+        for p in parts:
+            if isinstance(p, tuple):
+                pv, size, n = image(*p)
+                ids += [63] * n
+                pvs.append(pv)
+                sizes.append(size)
+            else:
+                ids += p
+        mm = {"pixel_values": pvs, "image_sizes": sizes} if pvs else {}
+        return Sample(ids, mm)
+
+    samples = [
+        sample([[1, 5, 6], (8, 16), [7, 8, 9]]),  # wide image: 1x2 tiles, no unpadding
+        sample([[1, 3], (6, 16), [4, 5], (16, 12), [6]]),  # two images, unpadded rows / columns
+        sample([[1, 10, 11, 12]]),  # no image
+        sample([[1], (16, 16), [13, 14, 15, 16, 17, 18, 19, 20]]),  # 2x2 tiles
+    ]
+
+    def batch_mm(ss):
+        pvs = [pv for s in ss if s.mm for pv in s.mm["pixel_values"]]
+        if not pvs:
+            return {}
+        sizes = [sz for s in ss if s.mm for sz in s.mm["image_sizes"]]
+        return {"pixel_values": _stack_padded(pvs), "image_sizes": torch.tensor(sizes)}
+
+    return Case("llava_next", model, (63,), 0, samples, batch_mm)
+
+
+def video_llava_case(attn: str = "sdpa", seed: int = 0, layers: int = 4) -> Case:
+    """Video-LLaVA: an image gives 16 image tokens (8x8 / patch 2, CLS dropped by the "default"
+    strategy); a video of F frames gives F * 17 video tokens (every frame keeps its CLS)."""
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    enable_vtw_attention_if_present(attn)
+    cfg = VideoLlavaConfig(vision_config=_clip(), text_config=_llama(layers), image_token_index=62,
+                           video_token_index=63, image_seq_length=16, video_seq_length=34)
+    torch.manual_seed(seed)
+    model = _finish(VideoLlavaForConditionalGeneration(cfg), attn)
+    g = torch.Generator().manual_seed(seed + 1)
+    I, F = [62] * 16, 2
+    V = [63] * (F * 17)
+
+    def mm(images=0, videos=0):
+        out = {}
+        if images:
+            out["pixel_values"] = torch.randn(images, 3, 8, 8, generator=g)
+        if videos:
+            out["pixel_values_videos"] = torch.randn(videos, F, 3, 8, 8, generator=g)
+        return out
+
+    samples = [
+        Sample([1, 5, 6] + I + [7, 8, 9], mm(images=1)),
+        Sample([1, 3] + V + [4, 5, 6], mm(videos=1)),
+        Sample([1, 10, 11, 12], mm()),
+        Sample([1, 13] + I + [14, 15] + V + [16, 17, 18], mm(images=1, videos=1)),
+    ]
+
+    def batch_mm(ss):
+        out = {}
+        for key in ("pixel_values", "pixel_values_videos"):
+            parts = [s.mm[key] for s in ss if key in s.mm]
+            if parts:
+                out[key] = torch.cat(parts)
+        return out
+
+    return Case("video_llava", model, (62, 63), 0, samples, batch_mm)
+
+
+def llava_onevision_case(attn: str = "sdpa", seed: int = 0, layers: int = 4) -> Case:
+    """LLaVA-OneVision (Qwen2 text decoder, SigLIP vision): AnyRes images with image-newline
+    features; videos pooled 2x2 per frame plus one newline. Token counts read from the model's own
+    get_image_features / get_video_features."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    enable_vtw_attention_if_present(attn)
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=8, patch_size=2)
+    tc = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=64, max_position_embeddings=256, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    cfg = LlavaOnevisionConfig(vision_config=vc, text_config=tc, image_token_index=62, video_token_index=63,
+                               image_grid_pinpoints=[[8, 16], [16, 8], [16, 16]])
+    torch.manual_seed(seed)
+    model = _finish(LlavaOnevisionForConditionalGeneration(cfg), attn)
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def image(h, w):
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        tiles = image_size_to_num_patches((h, w), cfg.image_grid_pinpoints, 8)
+        pv = torch.randn(tiles, 3, 8, 8, generator=g)
+        with torch.no_grad():
+            n = model.model.get_image_features(pv, torch.tensor([[h, w]])).pooler_output[0].shape[0]
+        return pv, (h, w), n
+
+    def video(frames):
+        pv = torch.randn(1, frames, 3, 8, 8, generator=g)
+        with torch.no_grad():
+            n = model.model.get_video_features(pv).pooler_output.shape[1]
+        return pv, n
+
+    def sample(parts):
+        ids, pvs, sizes, vids = [], [], [], []
+        for p in parts:
+            if isinstance(p, tuple) and p[0] == "video":
+                pv, n = video(p[1])
+                ids += [63] * n
+                vids.append(pv)
+            elif isinstance(p, tuple):
+                pv, size, n = image(*p)
+                ids += [62] * n
+                pvs.append(pv)
+                sizes.append(size)
+            else:
+                ids += p
+        mm = {}
+        if pvs:
+            mm.update(pixel_values=pvs, image_sizes=sizes)
+        if vids:
+            mm["pixel_values_videos"] = vids
+        return Sample(ids, mm)
+
+    samples = [
+        sample([[1, 5, 6], (8, 16), [7, 8, 9]]),
+        sample([[1, 3], ("video", 2), [4, 5, 6]]),
+        sample([[1, 10, 11, 12]]),
+        sample([[1, 13], (6, 16), [14, 15], ("video", 2), [16, 17, 18]]),
+    ]
+
+    def batch_mm(ss):
+        out = {}
+        pvs = [pv for s in ss for pv in s.mm.get("pixel_values", [])]
+        if pvs:
+            out["pixel_values"] = _stack_padded(pvs)
+            out["image_sizes"] = torch.tensor([sz for s in ss for sz in s.mm.get("image_sizes", [])])
+        vids = [v for s in ss for v in s.mm.get("pixel_values_videos", [])]
+        if vids:
+            out["pixel_values_videos"] = torch.cat(vids)
+        return out
+
+    return Case("llava_onevision", model, (62, 63), 0, samples, batch_mm)
+
+
+def _qwen_case(name: str, attn: str, seed: int, layers: int) -> Case:
+    """Qwen2-VL / Qwen2.5-VL: patches of 2x2 pixels x 2 frames, merged 2x2, so an image of grid
+    (t, h, w) gives t*h*w/4 image tokens (a video: video tokens), wrapped in vision start/end text
+    tokens (60, 61). M-RoPE position ids come from the model's get_rope_index."""
+    if name == "qwen2_vl":
+        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+
+        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2,
+                      spatial_merge_size=2, temporal_patch_size=2)
+    else:
+        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=8, fullatt_block_indexes=[1],
+                      tokens_per_second=2)
+    enable_vtw_attention_if_present(attn)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=64, max_position_embeddings=512, initializer_range=0.2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = Config(vision_config=vision, text_config=text, image_token_id=62, video_token_id=63,
+                 vision_start_token_id=60, vision_end_token_id=61)
+    torch.manual_seed(seed)
+    model = _finish(Model(cfg), attn)
+    g = torch.Generator().manual_seed(seed + 1)
+    patch_dim = 3 * 2 * 2 * 2
+
+    def media(kind, t, h, w):
+        pv = torch.randn(t * h * w, patch_dim, generator=g)
+        return kind, pv, (t, h, w), t * h * w // 4
+
+    def sample(parts):
+        ids, mm = [], {}
+        for p in parts:
+            if isinstance(p, tuple):
+                kind, pv, thw, n = media(*p)
+                ids += [60] + [62 if kind == "image" else 63] * n + [61]
+                mm.setdefault(kind, []).append((pv, thw))
+            else:
+                ids += p
+        return Sample(ids, mm)
+
+    samples = [
+        sample([[1, 5, 6], ("image", 1, 4, 4), [7, 8, 9]]),
+        sample([[1, 3], ("image", 1, 4, 6), [4, 5], ("video", 2, 4, 4), [6]]),
+        sample([[1, 10, 11, 12]]),
+        sample([[1], ("image", 1, 6, 4), [13, 14, 15, 16, 17, 18, 19, 20]]),
+    ]
+
+    def batch_mm(ss):
+        out = {}
+        for kind, pv_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
+                                       ("video", "pixel_values_videos", "video_grid_thw")):
+            items = [it for s in ss for it in s.mm.get(kind, [])]
+            if items:
+                out[pv_key] = torch.cat([pv for pv, _ in items])
+                out[grid_key] = torch.tensor([thw for _, thw in items])
+        return out
+
+    def extra(ids, am):
+        types = torch.zeros_like(ids, dtype=torch.int32)
+        types[ids == 62] = 1
+        types[ids == 63] = 2
+        return {"mm_token_type_ids": types}
+
+    return Case(name, model, (62, 63), 0, samples, batch_mm, extra=extra, mrope=True)
+
+
+def qwen2_vl_case(attn: str = "sdpa", seed: int = 0, layers: int = 4) -> Case:
+    return _qwen_case("qwen2_vl", attn, seed, layers)
+
+
+def qwen2_5_vl_case(attn: str = "sdpa", seed: int = 0, layers: int = 4) -> Case:
+    return _qwen_case("qwen2_5_vl", attn, seed, layers)
+
+
+CASES = {
+    "llava": llava_case,
+    "llava_next": llava_next_case,
+    "llava_onevision": llava_onevision_case,
+    "video_llava": video_llava_case,
+    "qwen2_vl": qwen2_vl_case,
+    "qwen2_5_vl": qwen2_5_vl_case,
+}
