@@ -1,9 +1,11 @@
 // CPU kernels of vtw::varlen_attention and vtw::decode_attention.
 //
 // Both are a blocked online softmax in float32 (FlashAttention's recurrence): query rows are
-// taken in blocks of kBlockQ, keys in tiles of kBlockK converted to float32 once per tile, and
-// each row keeps its running (max, sum, accumulator). Memory beyond the output is O(tile) per
-// thread, never quadratic in the sequence length. Work is spread with at::parallel_for over
+// taken in blocks of kBlockQ, keys in tiles of kBlockK (converted to float32 once per tile for
+// float16/bfloat16), each row keeps its running (max, sum, accumulator), and the two products
+// of a tile are float32 matrix products (at::mm_out on views of the thread's buffers, so the
+// CPU BLAS torch was built with does them). Memory beyond the output is O(tile) per thread,
+// never quadratic in the sequence length. Work is spread with at::parallel_for over
 // (sequence, query head, query block) for varlen and over (row, KV head, key split) for
 // decode, whose splits are merged by a second pass (flash-decoding, as on the GPU).
 //
@@ -21,6 +23,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -28,8 +31,8 @@
 namespace vtw {
 namespace {
 
-constexpr int64_t kBlockQ = 32;  // query rows per work item (varlen)
-constexpr int64_t kBlockK = 64;  // keys per tile
+constexpr int64_t kBlockQ = 64;   // query rows per work item (varlen)
+constexpr int64_t kBlockK = 128;  // keys per tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------------------------------------
@@ -96,13 +99,15 @@ void check_lens(const at::Tensor& t, const char* op, const char* name, int64_t l
 // The blocked online softmax shared by both ops.
 // ---------------------------------------------------------------------------------------------
 
-// Scratch of one thread: a transposed K tile, a V tile and one row of scores.
+// Scratch of one thread: K and V tiles converted to float32 (unused for float32 inputs, which
+// the GEMMs read in place) and the scores of up to `rows` query rows against one tile.
 struct Scratch {
-  std::vector<float> kt, vt, s;
-  explicit Scratch(int64_t D) : kt(D * kBlockK), vt(kBlockK * D), s(kBlockK) {}
+  std::vector<float> kf, vf, s;
+  Scratch(int64_t D, int64_t rows) : kf(kBlockK * D), vf(kBlockK * D), s(rows * kBlockK) {}
 };
 
-// Running state of up to `rows` query rows.
+// Running state of up to `rows` query rows: the query (scaled, float32), running max, sum and
+// accumulator.
 struct RowState {
   std::vector<float> q, m, l, acc;
   RowState(int64_t rows, int64_t D) : q(rows * D), m(rows), l(rows), acc(rows * D) {}
@@ -119,53 +124,70 @@ inline void load_scaled(float* dst, const T* src, int64_t D, float scale) {
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * scale;
 }
 
+// `nb` rows of D elements, `stride` apart, as float32: in place for float32, else converted.
+template <typename T>
+inline const float* tile_as_float(const T* src, int64_t stride, int64_t nb, int64_t D, float* buf,
+                                  int64_t* ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    *ld = stride;
+    return src;
+  } else {
+    for (int64_t j = 0; j < nb; ++j)
+      for (int64_t d = 0; d < D; ++d) buf[j * D + d] = static_cast<float>(src[j * stride + d]);
+    *ld = D;
+    return buf;
+  }
+}
+
+// Row-major [rows, cols] float matrix at `p` with leading dimension `ld`, as a tensor view.
+inline at::Tensor view2d(const float* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
+}
+
 // Folds keys 0 .. max(limit)-1 of one KV head into the state of `nq` rows; row i sees keys
 // j < limit[i]. Keys are rows of `k`/`v` `k_stride`/`v_stride` elements apart; nothing at or past
-// max(limit) is read.
+// max(limit) is read. The two products of a tile are float32 matrix products (at::mm_out: the
+// CPU BLAS torch was built with).
 template <typename T>
 void attend(RowState& st, int64_t nq, const int64_t* limit, const T* k, int64_t k_stride,
             const T* v, int64_t v_stride, int64_t D, Scratch& sc) {
   int64_t n_keys = 0;
   for (int64_t i = 0; i < nq; ++i) n_keys = std::max(n_keys, limit[i]);
-  float* kt = sc.kt.data();
-  float* vt = sc.vt.data();
+  if (n_keys == 0) return;
   float* s = sc.s.data();
+  const at::Tensor q_view = view2d(st.q.data(), nq, D, D);
+  at::Tensor acc_view = view2d(st.acc.data(), nq, D, D);
   for (int64_t j0 = 0; j0 < n_keys; j0 += kBlockK) {
     const int64_t nb = std::min(kBlockK, n_keys - j0);
-    for (int64_t j = 0; j < nb; ++j) {
-      const T* kr = k + (j0 + j) * k_stride;
-      const T* vr = v + (j0 + j) * v_stride;
-      for (int64_t d = 0; d < D; ++d) kt[d * kBlockK + j] = static_cast<float>(kr[d]);
-      for (int64_t d = 0; d < D; ++d) vt[j * D + d] = static_cast<float>(vr[d]);
-    }
+    int64_t ldk = 0, ldv = 0;
+    const float* kf = tile_as_float(k + j0 * k_stride, k_stride, nb, D, sc.kf.data(), &ldk);
+    const float* vf = tile_as_float(v + j0 * v_stride, v_stride, nb, D, sc.vf.data(), &ldv);
+    at::Tensor s_view = view2d(s, nq, nb, kBlockK);
+    at::mm_out(s_view, q_view, view2d(kf, nb, D, ldk).t());  // s[i][j] = q_i . k_j
     for (int64_t i = 0; i < nq; ++i) {
-      const int64_t vis = std::min(nb, limit[i] - j0);  // keys of this tile row i sees
-      if (vis <= 0) continue;
-      const float* qi = st.q.data() + i * D;
-      std::fill(s, s + vis, 0.f);
-      for (int64_t d = 0; d < D; ++d) {  // s[j] += q[d] * k[j][d], vectorised over j
-        const float qd = qi[d];
-        const float* ktd = kt + d * kBlockK;
-        for (int64_t j = 0; j < vis; ++j) s[j] += qd * ktd[j];
+      float* si = s + i * kBlockK;
+      const int64_t vis = std::clamp<int64_t>(limit[i] - j0, 0, nb);  // keys of this tile row i sees
+      if (vis == 0) {
+        std::fill(si, si + nb, 0.f);
+        continue;
       }
       float mx = st.m[i];
-      for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, s[j]);
+      for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, si[j]);
       const float alpha = st.m[i] == kNegInf ? 0.f : std::exp(st.m[i] - mx);
       float sum = 0.f;
       for (int64_t j = 0; j < vis; ++j) {
-        s[j] = std::exp(s[j] - mx);
-        sum += s[j];
+        si[j] = std::exp(si[j] - mx);
+        sum += si[j];
       }
+      std::fill(si + vis, si + nb, 0.f);
       st.l[i] = st.l[i] * alpha + sum;
       st.m[i] = mx;
-      float* ai = st.acc.data() + i * D;
-      for (int64_t d = 0; d < D; ++d) ai[d] *= alpha;
-      for (int64_t j = 0; j < vis; ++j) {
-        const float p = s[j];
-        const float* vj = vt + j * D;
-        for (int64_t d = 0; d < D; ++d) ai[d] += p * vj[d];
+      if (alpha != 1.f) {
+        float* ai = st.acc.data() + i * D;
+        for (int64_t d = 0; d < D; ++d) ai[d] *= alpha;
       }
     }
+    acc_view.addmm_(s_view, view2d(vf, nb, D, ldv));  // acc[i] += sum_j p[i][j] v_j
   }
 }
 
@@ -197,7 +219,7 @@ void varlen_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       for (int64_t r0 = 0; r0 < lq; r0 += kBlockQ) items.push_back({b, h, r0});
   }
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
-    Scratch sc(D);
+    Scratch sc(D, kBlockQ);
     RowState st(kBlockQ, D);
     int64_t limit[kBlockQ];
     for (int64_t it = i0; it < i1; ++it) {
@@ -298,7 +320,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& 
   std::vector<float> part(splits > 1 ? B * Hkv * splits * group * part_stride : 0);
 
   at::parallel_for(0, B * Hkv * splits, 1, [&](int64_t i0, int64_t i1) {
-    Scratch sc(D);
+    Scratch sc(D, group);
     RowState st(group, D);
     std::vector<int64_t> limit(group);
     for (int64_t it = i0; it < i1; ++it) {
