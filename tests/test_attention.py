@@ -419,6 +419,17 @@ def test_opcheck_decode():
     torch.library.opcheck(torch.ops.vtw.decode_attention.default, (q, kc, vc, lens), {"softmax_scale": None})
 
 
+def test_opcheck_permuted_queries():
+    # A dense but permuted q: the fake kernels must promise the strides the kernels return.
+    q, k, v, cq, ck = make_varlen([3, 5], [3, 5], 4, 2, 64, torch.float32)
+    qp = q.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not qp.is_contiguous() and torch.equal(qp, q)
+    torch.library.opcheck(torch.ops.vtw.varlen_attention.default, (qp, k, v, cq, ck, 5, 5))
+    qd, kc, vc, lens = make_cache([6, 2], 4, 1, 6, 64, torch.float32)
+    qdp = qd.transpose(0, 1).contiguous().transpose(0, 1)
+    torch.library.opcheck(torch.ops.vtw.decode_attention.default, (qdp, kc, vc, lens))
+
+
 def test_compile_fullgraph():
     lq, lk = [3, 6], [5, 6]
     q, k, v, cq, ck = make_varlen(lq, lk, 4, 2, 64, torch.float32)

@@ -34,12 +34,12 @@ def register() -> None:
     def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                      softmax_scale=None, causal=True):
         _validate.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        return torch.empty_like(q)
+        return torch.empty_like(q, memory_format=torch.contiguous_format)  # the kernels return contiguous
 
     @torch.library.register_fake("vtw::decode_attention")
     def _decode_fake(q, k_cache, v_cache, cache_seqlens, softmax_scale=None):
         _validate.check_decode(q, k_cache, v_cache, cache_seqlens)
-        return torch.empty_like(q)
+        return torch.empty_like(q, memory_format=torch.contiguous_format)  # the kernels return contiguous
 
     def _withdraw_setup(ctx, inputs, output):
         hidden = inputs[0]

@@ -32,6 +32,7 @@ Guarantees shared by both kernels:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -49,9 +50,9 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # float32: true float32 products (no TF32). float16/bfloat16: tensor cores as usual.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(dtype: torch.dtype) -> str | None:
+    # float32: true float32 products (no TF32). float16/bfloat16: Triton's default.
+    return "ieee" if dtype == torch.float32 else None
 
 
 def _scale(softmax_scale, head_dim: int) -> float:
@@ -313,10 +314,15 @@ def _decode_reduce_kernel(LENS, O, M_PART, L_PART, ACC_PART, S_cap, stride_ob, s
     tl.store(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_mask)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+        return 4  # the interpreter: a few splits, to exercise the merge
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits=None, block_n=None):
