@@ -17,6 +17,7 @@ from test_enable_llava import (  # noqa: F401  (collected here with this module'
     test_layer_equal_to_num_layers_reproduces_the_model,
     test_reference_is_not_vacuous,
     test_sampling_generate_matches_reference,
+    test_static_cache_generate_matches_reference,
 )
 from test_enable_support import ATTN, CASES, prepare
 

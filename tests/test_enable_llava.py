@@ -70,6 +70,24 @@ def test_sampling_generate_matches_reference(case, enabled):
     assert_matches_reference(case, 2, out, inputs, case.preps, greedy=False)
 
 
+@pytest.mark.parametrize("K", [0, 2])
+def test_static_cache_generate_matches_reference(case, enabled, K):
+    from transformers import StaticCache
+
+    inputs = batch_inputs(case)
+    enabled(K)
+    with torch.no_grad():
+        out = case.model.generate(**inputs, **gen_kwargs(case, STEPS, cache_implementation="static"))
+    assert isinstance(out.cache, StaticCache)
+    assert_matches_reference(case, K, out, inputs, case.preps, greedy=True)
+    # Deep layers wrote text slots only (a static cache keeps its full capacity in every layer).
+    S = inputs["input_ids"].shape[1]
+    lens = [int(lay.get_seq_length()) for lay in out.cache.layers]
+    assert len(set(lens[K:])) == 1
+    if K:
+        assert len(set(lens[:K])) == 1 and lens[0] - lens[K] == S - max(text_counts(case))
+
+
 def _run(model, inputs, steps=STEPS, **kw):
     with torch.no_grad():
         out = model.generate(**inputs, **gen_kwargs(kw.pop("case"), steps, **kw))
