@@ -540,3 +540,55 @@ CASES = {
     "qwen2_vl": qwen2_vl_case,
     "qwen2_5_vl": qwen2_5_vl_case,
 }
+
+
+@torch.no_grad()
+def ref_compact(case: Case, K: int, sample: Sample, steps: int, follow: list[int] | None = None, turn2: int = 0):
+    """Compact mode on one unpadded sample, with the UNMODIFIED model (vtw must be disabled): a
+    full prefill into a DynamicCache, then the caches of layers >= K cut to the text positions by
+    boolean indexing, then greedy decoding one token at a time with SDPA (one query attends to
+    its whole cache, so layers with shorter caches need no mask). `follow` tokens (a follow-up
+    turn) are fed one by one after the first `steps` tokens, then `turn2` more are generated.
+    Returns (tokens, logits per generated step)."""
+    from transformers import DynamicCache
+
+    model = case.model
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    if hasattr(model.model, "rope_deltas"):
+        model.model.rope_deltas = None  # Qwen2-VL keeps M-RoPE offsets between calls; start afresh
+    try:
+        cache = DynamicCache(config=model.config)
+        out = model(**single_inputs(case, sample), cache=cache, use_cache=True)
+        keep = torch.ones(len(sample.ids), dtype=torch.bool)
+        for v in case.visual_ids:
+            keep &= torch.tensor(sample.ids) != v
+        for lay in cache.layers[K:]:
+            lay.keys, lay.values = lay.keys[:, :, keep], lay.values[:, :, keep]
+        tokens, logits = [], []
+        lg = out.logits[0, -1]
+
+        def emit(lg):
+            logits.append(lg)
+            masked = lg.clone()
+            masked[case.suppress] = float("-inf")
+            tokens.append(int(masked.argmax()))
+            return tokens[-1]
+
+        def step(tok):
+            return model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True).logits[0, -1]
+
+        for t in range(steps):
+            tok = emit(lg)
+            if t + 1 < steps or follow:
+                lg = step(tok)
+        if follow:
+            for tok in follow:
+                lg = step(tok)
+            for t in range(turn2):
+                tok = emit(lg)
+                if t + 1 < turn2:
+                    lg = step(tok)
+        return tokens, logits
+    finally:
+        model.set_attn_implementation(impl)

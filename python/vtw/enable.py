@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -49,6 +50,7 @@ from . import models as _models
 MODES = ("withdraw", "compact")
 _WITHDRAW_KW = "vtw_withdraw_mask"
 _NUM_KEEP_KW = "vtw_num_keep"
+_PADDING_KW = "vtw_padding_mask"
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ class _State:
         self.generator = None
         self.generator_had_attr = False
         self.generator_attr = None
-        self.pending: tuple | None = None  # (withdraw_mask [B, S], num_keep) of the forward in progress
+        self.pending: _Pending | None = None  # the withdraw mask etc. of the forward in progress
         self.deep: _Deep | None = None  # the deep layers' tensors of the forward in progress
 
     @property
@@ -262,6 +264,7 @@ def _withdraw_mask(state: _State, inputs: dict):
     else:
         vm = torch.isin(ids, state.token_tensor(ids.device))
     am = inputs.get("attention_mask")
+    pad = None
     if am is not None:
         if not isinstance(am, torch.Tensor) or am.ndim != 2:
             raise ValueError("vtw: attention_mask must be the 2D [B, past + S] padding mask (vtw builds the deep "
@@ -269,12 +272,19 @@ def _withdraw_mask(state: _State, inputs: dict):
                              f"{' of shape ' + str(tuple(am.shape)) if isinstance(am, torch.Tensor) else ''}")
         if am.shape[0] != B or am.shape[1] < S:
             raise ValueError(f"vtw: attention_mask has shape {tuple(am.shape)}, expected [{B}, past + {S}]")
-        vm = vm | (am[:, am.shape[1] - S:] == 0).to(vm.device)
-    if S <= 1 or torch.compiler.is_compiling():
-        num_keep = S
+        pad = (am[:, am.shape[1] - S:] == 0).to(vm.device)
+        vm = vm | pad
+    if S <= 1 or torch.compiler.is_compiling() or (state.mode == "compact"):
+        num_keep = S  # compact mode does not withdraw in forwards of several tokens
     else:  # one host synchronisation per forward, before the layer loop
         num_keep = max(int((~vm).sum(1).max()), 1)
-    return vm, num_keep
+    return _Pending(vm, num_keep, pad)
+
+
+class _Pending(NamedTuple):
+    withdraw: torch.Tensor  # [B, S] bool: visual or padding
+    num_keep: int
+    padding: torch.Tensor | None  # [B, S] bool: padding of this chunk
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +302,8 @@ class _Deep:
     mask: object  # the deep layers' attention mask (4D tensor, None, ...)
     position_embeddings: tuple | None
     position_ids: torch.Tensor | None
+    cache: object = None
+    compact: torch.Tensor | None = None  # compact mode, several tokens: the withdraw mask to compact with
 
     def scatter_back(self, out: torch.Tensor) -> torch.Tensor:
         B, S, D = self.full.shape
@@ -304,6 +316,7 @@ class _Deep:
 def _layer_forward(state: _State, idx: int, orig, hidden_states, *args, **kwargs):
     explicit_mask = kwargs.pop(_WITHDRAW_KW, None)
     explicit_keep = kwargs.pop(_NUM_KEEP_KW, None)
+    explicit_pad = kwargs.pop(_PADDING_KW, None)
     K = state.layer
     if idx < K:
         return orig(hidden_states, *args, **kwargs)
@@ -311,7 +324,7 @@ def _layer_forward(state: _State, idx: int, orig, hidden_states, *args, **kwargs
         raise TypeError(f"vtw: decoder layer {idx} was called with {len(args)} extra positional arguments; vtw "
                         "needs attention_mask, position_embeddings, position_ids and cache as keywords")
     if idx == K:
-        deep = _begin(state, hidden_states, kwargs, explicit_mask, explicit_keep)
+        deep = _begin(state, hidden_states, kwargs, explicit_mask, explicit_keep, explicit_pad)
         state.deep = deep
         hidden_states = deep.hidden
     else:
@@ -328,7 +341,11 @@ def _layer_forward(state: _State, idx: int, orig, hidden_states, *args, **kwargs
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"vtw: decoder layer {idx} returned {type(out).__name__}; vtw needs layers that return "
                             "the hidden states as a tensor (transformers 5.x)")
-        out = deep.scatter_back(out)
+        if deep.compact is not None:
+            if deep.cache is not None:
+                _compact_deep_caches(state, deep.cache, deep.compact)
+        else:
+            out = deep.scatter_back(out)
         state.deep = None
     return out
 
@@ -347,13 +364,14 @@ def _withdraw(hidden, mask, num_keep):
     return vtw_kernels.withdraw(hidden, mask, num_keep=num_keep)
 
 
-def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep) -> _Deep:
+def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep, explicit_pad) -> _Deep:
     B, S, _ = hidden.shape
     if explicit_mask is not None:
         wmask = explicit_mask
         num_keep = S if explicit_keep is None else explicit_keep
+        padding = explicit_pad
     elif state.pending is not None:
-        wmask, num_keep = state.pending
+        wmask, num_keep, padding = state.pending
     else:
         raise RuntimeError("vtw: no withdraw mask for this forward: call the model (or its language model) with "
                            "input_ids, or give vtw.enable a visual_mask= callable")
@@ -361,6 +379,16 @@ def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep) -> _Deep
         raise ValueError(f"vtw: the visual mask has shape {tuple(wmask.shape)} but decoder layer {state.layer} "
                          f"received hidden states of [B, S] = [{B}, {S}]")
     wmask = wmask.to(hidden.device)
+    cache = kwargs.get("cache")
+    if state.mode == "compact" and S > 1:
+        # Every layer sees every token (the unmodified model's output); the deep layers attend to
+        # their compacted past and to this chunk, and are compacted once the last layer has run.
+        valid = ~padding.to(hidden.device) if padding is not None else torch.ones_like(wmask)
+        deep_padding = _deep_padding(state, cache, valid, S)
+        mask = _deep_causal_mask(state, hidden, deep_padding, cache)
+        return _Deep(hidden=hidden, full=hidden, keep_index=None, valid=None, mask=mask,
+                     position_embeddings=kwargs.get("position_embeddings"), position_ids=kwargs.get("position_ids"),
+                     cache=cache, compact=wmask)
     res = _withdraw(hidden, wmask, num_keep)
     keep_index = res.keep_index if hasattr(res, "keep_index") else res[1]
     out = res.out if hasattr(res, "out") else res[0]
@@ -375,11 +403,10 @@ def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep) -> _Deep
             pos = _gather_seq(pos, gidx)
         elif pos.ndim == 3:  # [streams, B, S]
             pos = torch.stack([_gather_seq(p, gidx) for p in pos.unbind(0)])
-    cache = kwargs.get("cache")
     deep_padding = _deep_padding(state, cache, valid, S)
     mask = _deep_causal_mask(state, out, deep_padding, cache)
     return _Deep(hidden=out, full=hidden, keep_index=keep_index, valid=valid, mask=mask,
-                 position_embeddings=pe, position_ids=pos)
+                 position_embeddings=pe, position_ids=pos, cache=cache)
 
 
 def _deep_causal_mask(state: _State, inputs_embeds, padding, cache):
@@ -476,6 +503,38 @@ def _deep_padding(state: _State, cache, valid: torch.Tensor, S: int):
         full = 0 if book.full_len is None else book.full_len
         book.full_len = full + S
     return deep
+
+
+def _compact_deep_caches(state: _State, cache, wmask: torch.Tensor) -> None:
+    """Compact mode, after the last layer of a forward of several tokens: moves the kept tokens
+    (text, past and present) of every deep layer's cache to the front of each row, in place, with
+    one `compact_kv_` call for all deep layers."""
+    K = state.layer
+    book = cache._vtw_book
+    deep = [lay for lay in cache.layers[K:] if getattr(lay, "keys", None) is not None]
+    if not deep:
+        return
+    lay = deep[0]
+    B, S = wmask.shape
+    end = lay.get_seq_length()  # this chunk occupies slots end - S .. end - 1
+    if _is_static(lay):
+        cap = lay.max_cache_len
+        slots = torch.arange(cap, device=wmask.device)
+        book.mask.index_copy_(1, slots[:S] + (end - S), ~wmask)
+        keep = book.mask & (slots < end)[None]
+        new_lens = vtw_kernels.compact_kv_([x.keys for x in deep], [x.values for x in deep], ~keep)
+        top = new_lens.max().to(torch.long)
+        for x in deep:
+            x.cumulative_length.copy_(top)  # no host synchronisation
+        book.mask.copy_(slots[None] < new_lens[:, None])
+        return
+    keep = torch.cat([book.mask[:, : end - S], ~wmask], dim=1)
+    new_lens = vtw_kernels.compact_kv_([x.keys for x in deep], [x.values for x in deep], ~keep)
+    top = int(new_lens.max()) if B else 0  # one host synchronisation, after the layer loop
+    for x in deep:
+        x.keys = x.keys[:, :, :top].clone()  # clone: the memory of the withdrawn slots is freed now
+        x.values = x.values[:, :, :top].clone()
+    book.mask = torch.arange(top, device=wmask.device)[None] < new_lens[:, None]
 
 
 class _VtwCacheMixin:
