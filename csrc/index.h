@@ -39,4 +39,32 @@ VTW_HD int64_t row_offset4(int64_t b, int64_t h, int64_t s, int64_t sb, int64_t 
   return b * sb + h * sh + s * ss;
 }
 
+// Number of set bits of a 32-bit word.
+VTW_HD int popcount32(uint32_t x) {
+#if defined(__CUDA_ARCH__)
+  return __popc(x);
+#else
+  x = x - ((x >> 1) & 0x55555555u);
+  x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+  return static_cast<int>((((x + (x >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
+#endif
+}
+
+// Position (0..31) of the k-th set bit (0-based, from the least significant end) of `bits`;
+// requires 0 <= k < popcount32(bits). A five-step binary search over popcounts: the CUDA
+// compact_kv_ kernel maps the k-th kept token of a 32-token window (a warp ballot) to its
+// position with it.
+VTW_HD int nth_set_bit(uint32_t bits, int k) {
+  int pos = 0;
+  for (int width = 16; width >= 1; width >>= 1) {
+    const int low = popcount32(bits & ((1u << width) - 1u));
+    if (k >= low) {
+      bits >>= width;
+      k -= low;
+      pos += width;
+    }
+  }
+  return pos;
+}
+
 }  // namespace vtw
