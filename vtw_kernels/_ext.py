@@ -13,6 +13,9 @@ import torch
 HAS_C = False
 WITH_CUDA = False
 LOAD_ERROR: str | None = None
+# Ops whose CUDA dispatch key holds a Triton kernel (registered by _registrations because no
+# compiled CUDA kernel exists): has_kernel(op, "CUDA") is then true without a "cuda" backend.
+TRITON_ON_CUDA_KEY: set[str] = set()
 
 try:
     from . import _C  # type: ignore[attr-defined]  # noqa: F401

@@ -66,3 +66,4 @@ def register() -> None:
         for op in OPS:
             if not _ext.has_kernel(op, "CUDA") and hasattr(triton_kernels, op):
                 torch.library.register_kernel(f"vtw::{op}", "cuda", getattr(triton_kernels, op))
+                _ext.TRITON_ON_CUDA_KEY.add(op)

@@ -25,6 +25,16 @@ class Withdrawn(NamedTuple):
     keep_index: torch.Tensor
     keep_lens: torch.Tensor
 
+    def check(self) -> "Withdrawn":
+        """Raises the ValueError of a too-small ``num_keep`` (the one the CPU and torch backends
+        raise at once) if a row kept more tokens than ``out`` has slots; returns self otherwise.
+        It reads ``keep_lens``: one host synchronisation on the GPU paths."""
+        if self.keep_lens.numel() > 0:
+            kept, row = (int(x) for x in self.keep_lens.max(0))
+            if kept > self.out.shape[1]:
+                raise _validate.num_keep_error(self.out.shape[1], row, kept)
+        return self
+
 
 def _triton_impls():
     """The Triton kernels module, or None when Triton cannot run here."""
@@ -53,7 +63,8 @@ def available_backends(op_name: str) -> list[str]:
     "varlen_attention" or "decode_attention"), fastest first per device."""
     op = _normalise_op(op_name)
     out = []
-    if _ext.has_kernel(op, "CUDA"):
+    # Not where _registrations put the Triton kernel on the CUDA key (no compiled CUDA kernel).
+    if _ext.has_kernel(op, "CUDA") and op not in _ext.TRITON_ON_CUDA_KEY:
         out.append("cuda")
     if _triton_usable() and hasattr(_triton_impls(), op):
         out.append("triton")
@@ -105,7 +116,14 @@ def withdraw(hidden: torch.Tensor, visual_mask: torch.Tensor, *, num_keep: int |
         hidden: ``[B, S, D]`` float32/float16/bfloat16, last dimension contiguous.
         visual_mask: ``[B, S]`` bool; True marks a token to withdraw.
         num_keep: output length ``S_keep``; default ``max(keep_lens)``. Giving it avoids a host
-            synchronisation on the GPU paths. Below a row's kept count it is an error.
+            synchronisation on the GPU paths. Below a row's kept count it is an error, never a
+            truncation. The CPU and torch backends raise ValueError at once. The CUDA and Triton
+            backends cannot raise without synchronising, so they make the error visible in the
+            result instead, and never write outside it: such a row gets its true count in
+            ``keep_lens`` (so ``keep_lens.max() > out.shape[1]`` detects it on the device), -1 in
+            every ``keep_index`` slot and quiet NaN in every element of ``out`` (a model fed
+            with it produces NaN, not an answer from a truncated prompt). Call
+            ``.check()`` on the result to raise the same ValueError (one synchronisation).
         pad_left: right-align the kept tokens of each row (left padding) instead of left-align.
         backend: "torch", "cpu", "cuda", "triton" or None (fastest available for the device).
 
