@@ -8,6 +8,7 @@ synchronise with the device.
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -68,6 +69,17 @@ def num_keep_error(num_keep: int, row: int, kept: int) -> ValueError:
     )
 
 
+def _start_of_data(t: torch.Tensor):
+    """Where t's data starts, to tell cache tensors apart: its data pointer, as checks.h compares;
+    for a fake tensor (torch.compile, opcheck), which has no memory and whose data_ptr() is the
+    same for every tensor, its storage and byte offset instead (a symbolic offset by its
+    expression: only a provably equal start is caught here, the C++ check sees the rest)."""
+    if is_fake(t):
+        offset = t.storage_offset() * t.element_size()
+        return ("fake", t.untyped_storage()._cdata, offset if isinstance(offset, int) else str(offset))
+    return t.data_ptr()
+
+
 def check_compact_kv(keys, values, visual_mask: torch.Tensor) -> None:
     op = "vtw.compact_kv_"
     check_mask(visual_mask, op)
@@ -111,7 +123,7 @@ def check_compact_kv(keys, values, visual_mask: torch.Tensor) -> None:
                     "so it must not overlap itself"
                 )
             if t.numel() > 0:
-                ptr = t.data_ptr()
+                ptr = _start_of_data(t)
                 if ptr in seen:
                     raise ValueError(
                         f"{op}: {name} shares its memory with another cache tensor; each layer's keys and values "

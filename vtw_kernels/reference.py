@@ -37,7 +37,10 @@ def withdraw(hidden: torch.Tensor, visual_mask: torch.Tensor, num_keep: int | No
     if S == 0:
         out = hidden.new_zeros(B, s_keep, D)
     else:
-        gathered = hidden.gather(1, keep_index.clamp(min=0)[..., None].expand(B, s_keep, D))
+        # Advanced indexing, not gather: CPU gather of float16/bfloat16 goes through float and
+        # quiets signalling NaNs, and this op must be a bit-exact copy.
+        rows = torch.arange(B, device=hidden.device)[:, None]
+        gathered = hidden[rows, keep_index.clamp(min=0)]
         out = torch.where(valid[..., None], gathered, hidden.new_zeros(()))
     return out, keep_index, keep_lens
 
@@ -50,9 +53,11 @@ def compact_kv_(keys, values, visual_mask: torch.Tensor) -> torch.Tensor:
     for t in list(keys) + list(values):
         if t.numel() == 0:
             continue
-        H, Dh = t.shape[1], t.shape[3]
+        H = t.shape[1]
         region = t[:, :, :S]
-        region.copy_(region.gather(2, order[:, None, :, None].expand(B, H, S, Dh)))
+        rows = torch.arange(B, device=t.device)[:, None, None]
+        heads = torch.arange(H, device=t.device)[None, :, None]
+        region.copy_(region[rows, heads, order[:, None, :]])  # indexing is bit-exact, gather is not
     return new_lens
 
 
