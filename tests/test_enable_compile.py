@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import vtw
+from test_enable_support import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from test_enable_support import CASES, batch_inputs
 
 

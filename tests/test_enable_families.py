@@ -9,16 +9,15 @@ import pytest
 import torch
 
 import vtw
+import test_enable_llava as llava_tests
 from test_enable_llava import (  # noqa: F401  (collected here with this module's fixtures)
-    test_deep_caches_hold_text_tokens_only,
     test_disable_restores_the_model_exactly,
     test_follow_up_turn_appends_to_the_cache,
-    test_greedy_generate_matches_reference,
     test_layer_equal_to_num_layers_reproduces_the_model,
     test_reference_is_not_vacuous,
     test_sampling_generate_matches_reference,
-    test_static_cache_generate_matches_reference,
 )
+from test_enable_support import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from test_enable_support import ATTN, CASES, prepare
 
 FAMILIES = [f for f in CASES if f != "llava"]
@@ -39,6 +38,20 @@ def enabled(case):
 
     yield _enable
     vtw.disable(case.model)
+
+
+# Fewer layers K than on LLaVA (test_enable_llava.py runs every K), to keep the suite short.
+@pytest.mark.parametrize("K", [0, 2])
+def test_greedy_generate_matches_reference(case, enabled, K):
+    llava_tests.test_greedy_generate_matches_reference(case, enabled, K)
+
+
+def test_static_cache_generate_matches_reference(case, enabled):
+    llava_tests.test_static_cache_generate_matches_reference(case, enabled, 2)
+
+
+def test_deep_caches_hold_text_tokens_only(case, enabled):
+    llava_tests.test_deep_caches_hold_text_tokens_only(case, enabled, 1)
 
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])

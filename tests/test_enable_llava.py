@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vtw
+from test_enable_support import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from test_enable_support import (
     ATTN,
     assert_matches_reference,

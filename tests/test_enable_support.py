@@ -15,7 +15,19 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 
+import pytest
 import torch
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread. On a shared 2-core machine, OpenMP threads that
+    wait for each other make every small matmul ~100x slower (measured: 500 tiny Linear calls,
+    5 s with 2 threads, 0.06 s with 1). Restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 ATTN = ["eager", "sdpa"] + (["vtw"] if importlib.util.find_spec("vtw.attention") is not None else [])
 
@@ -575,8 +587,16 @@ def ref_compact(case: Case, K: int, sample: Sample, steps: int, follow: list[int
             tokens.append(int(masked.argmax()))
             return tokens[-1]
 
+        # Positions given explicitly (with K = 0 the cut layer-0 cache no longer counts the tokens seen):
+        # text tokens continue after the prompt, shifted by Qwen2-VL's M-RoPE offset.
+        delta = getattr(model.model, "rope_deltas", None)
+        seen = [len(sample.ids) + (int(delta) if delta is not None else 0)]
+
         def step(tok):
-            return model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True).logits[0, -1]
+            pos = torch.tensor([[seen[0]]])
+            seen[0] += 1
+            pos = pos[None].expand(3, 1, 1) if case.mrope else pos
+            return model(input_ids=torch.tensor([[tok]]), position_ids=pos, cache=cache, use_cache=True).logits[0, -1]
 
         for t in range(steps):
             tok = emit(lg)
