@@ -219,9 +219,24 @@ def test_varlen_triton_tiny_blocks():
     lq, lk = [37, 50, 16], [61, 50, 3]
     q, k, v, cq, ck = make_varlen(lq, lk, 2, 2, 64, torch.float32, seed=5)
     for causal in (True, False):
-        # max_seqlen_q = 16 sizes the grid below the true maximum: programs loop over query blocks.
-        out = tri._varlen_launch(q, k, v, cq, ck, 16, None, causal, block_m=16, block_n=16)
+        out = tri._varlen_launch(q, k, v, cq, ck, 50, None, causal, block_m=16, block_n=16)
         assert_close(out, ref_varlen64(q, k, v, cq, ck, causal=causal), torch.float32, f"causal={causal}")
+
+
+def test_varlen_max_seqlen_too_small():
+    # max_seqlen_q sizes the grid (FlashAttention's convention). Below the longest sequence,
+    # the CPU and reference backends raise; Triton cannot check without a synchronisation and
+    # marks the rows no program covers with NaN rather than dropping them silently.
+    lq = [37, 10]
+    q, k, v, cq, ck = make_varlen(lq, lq, 2, 1, 64, torch.float32, seed=6)
+    for backend in ("torch", "cpu"):
+        with pytest.raises(ValueError, match="max_seqlen_q = 16 is smaller than the length 37 of sequence 0"):
+            vtw_kernels.varlen_attention(q, k, v, cq, ck, 16, 37, backend=backend)
+    out = tri._varlen_launch(q, k, v, cq, ck, 16, None, True, block_m=16, block_n=16)
+    exp = ref_varlen64(q, k, v, cq, ck)
+    assert torch.isnan(out[16:37]).all()
+    assert_close(out[:16], exp[:16], torch.float32, "covered rows of sequence 0")
+    assert_close(out[37:], exp[37:], torch.float32, "sequence 1")
 
 
 def test_varlen_empty():
@@ -501,3 +516,57 @@ def test_gpu_compile():
     f = torch.compile(lambda q, k, v, a, b: torch.ops.vtw.varlen_attention(q, k, v, a, b, 6, 6, None, True),
                       fullgraph=True)
     assert_close(f(q, k, v, cq, ck), ref_varlen64(q.cpu(), k.cpu(), v.cpu(), cq.cpu(), ck.cpu()), torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time GPU compilation (no GPU needed): the kernels compile for sm_90a, and ptxas
+# reports no register spills for the configurations the launchers pick.
+# ----------------------------------------------------------------------------------------------
+
+
+def _ptxas_spills(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int) -> int:
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("Triton's bundled ptxas is not here")
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(kernel, JITFunction):  # under TRITON_INTERPRET=1 @triton.jit gives an interpreter object
+        kernel = JITFunction(kernel.fn)
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    report = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                            capture_output=True, text=True, check=True).stderr
+    os.unlink(f.name)
+    return int(re.findall(r"(\d+) bytes spill stores", report)[0])
+
+
+def test_gpu_kernels_compile_for_sm90_without_spills():
+    q = torch.empty(1, 1, 128, dtype=torch.bfloat16, device="meta")
+    bm, bn, warps, stages = tri._varlen_blocks(q, 128)
+    varlen_sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "CU_Q": "*i32", "CU_K": "*i32",
+                  "Tq": "i32", "Tk": "i32", "qk_scale": "fp32",
+                  **{n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
+                                        "stride_ot", "stride_oh")}}
+    cst = {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": True,
+           "PRECISION": None, "OFFS_64": False}
+    assert _ptxas_spills(tri._varlen_fwd_kernel, varlen_sig, cst, warps, stages) == 0
+    decode_sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "LENS": "*i32", "O": "*bf16", "M_PART": "*fp32",
+                  "L_PART": "*fp32", "ACC_PART": "*fp32", "S_cap": "i32", "chunk": "i32", "qk_scale": "fp32",
+                  **{n: "i32" for n in ("stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
+                                        "stride_vh", "stride_vs", "stride_ob", "stride_oh")}}
+    cst = {"GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_N": 64, "NUM_SPLITS": 8,
+           "PRECISION": None, "OFFS_64": False}
+    assert _ptxas_spills(tri._decode_split_kernel, decode_sig, cst, 4, 2) == 0

@@ -26,8 +26,8 @@ Guarantees shared by both kernels:
   synchronisation; the kernels then never read or write out of bounds and mark the affected
   rows with NaN instead of silently truncating: `decode_attention` when ``cache_seqlens[b]`` is
   negative or larger than ``S_cap``; `varlen_attention` when a sequence's ``cu_seqlens_k`` range
-  is decreasing or leaves ``[0, Tk]`` (its query rows become NaN). A ``max_seqlen_q`` smaller
-  than the longest query sequence only costs speed: programs loop over the query blocks.
+  is decreasing or leaves ``[0, Tk]`` (its query rows become NaN), and for the query rows past
+  ``max_seqlen_q`` of a sequence longer than ``max_seqlen_q`` (which sizes the grid).
 """
 
 from __future__ import annotations
@@ -66,56 +66,15 @@ def _scale(softmax_scale, head_dim: int) -> float:
 
 
 @triton.jit
-def _varlen_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, stop, offs_m, offs_n, d_mask, Lk, diag,
-                  stride_kt, stride_vt, qk_scale,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """Online-softmax update over the keys [start, stop) (multiples of BLOCK_N apart).
-
-    MASKED=False is only used for blocks of keys that all exist and are visible to every query
-    of the block; the other blocks mask out-of-sequence and (causal) future keys."""
-    for start_n in range(start, stop, BLOCK_N):
-        cur_n = start_n + offs_n
-        if MASKED:
-            n_mask = cur_n < Lk
-            k = tl.load(k_ptrs + cur_n[None, :].to(tl.int64) * stride_kt,
-                        mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs + cur_n[None, :].to(tl.int64) * stride_kt, mask=d_mask[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
-        if MASKED:
-            visible = n_mask[None, :]
-            if CAUSAL:
-                visible = visible & (cur_n[None, :] <= offs_m[:, None] + diag)
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows that have seen no visible key yet keep m = -inf: subtract 0 instead, so that
-        # exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptrs + cur_n[:, None].to(tl.int64) * stride_vt,
-                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        else:
-            v = tl.load(v_ptrs + cur_n[:, None].to(tl.int64) * stride_vt, mask=d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i
-
-
-@triton.jit
 def _varlen_fwd_kernel(Q, K, V, O, CU_Q, CU_K, Tq, Tk, qk_scale,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_ot, stride_oh,
                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr, OFFS_64: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    n_prog_m = tl.num_programs(0)
 
     q0 = tl.load(CU_Q + b).to(tl.int64)
     q1 = tl.load(CU_Q + b + 1).to(tl.int64)
@@ -126,62 +85,92 @@ def _varlen_fwd_kernel(Q, K, V, O, CU_Q, CU_K, Tq, Tk, qk_scale,
     q0 = tl.minimum(tl.maximum(q0, 0), Tq)
     q1 = tl.minimum(tl.maximum(q1, q0), Tq)
     bad_k = (k0 < 0) | (k1 < k0) | (k1 > Tk)
-    Lq = q1 - q0
-    Lk = tl.where(bad_k, 0, k1 - k0)
+    Lq = (q1 - q0).to(tl.int32)
+    Lk = tl.where(bad_k, 0, k1 - k0).to(tl.int32)
     k0 = tl.where(bad_k, 0, k0)
-    diag = Lk - Lq
 
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    offs_n = tl.arange(0, BLOCK_N)
-    kvh = h // GROUP
-    k_ptrs = K + k0 * stride_kt + kvh * stride_kh + offs_d[:, None]
-    v_ptrs = V + k0 * stride_vt + kvh * stride_vh + offs_d[None, :]
+    local_m = tl.arange(0, BLOCK_M)
 
-    num_mb = tl.cdiv(Lq, BLOCK_M)
-    for mb in range(pid_m, num_mb, n_prog_m):
-        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < Lq
-        rows = (q0 + offs_m).to(tl.int64)
-        q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # A sequence longer than max_seqlen_q has query blocks no program covers: the last program
+    # of the sequence marks them NaN (CPU/reference backends raise instead). Stores only.
+    if pid_m == tl.num_programs(0) - 1:
+        for mb in range(pid_m + 1, tl.cdiv(Lq, BLOCK_M)):
+            rows = mb * BLOCK_M + local_m
+            nan = tl.full([BLOCK_M, BLOCK_D], float("nan"), dtype=O.dtype.element_ty)
+            tl.store(O + (q0 + mb * BLOCK_M) * stride_ot + h * stride_oh + local_m[:, None] * stride_ot
+                     + offs_d[None, :], nan, mask=(rows < Lq)[:, None] & d_mask[None, :])
+
+    start_m = pid_m * BLOCK_M
+    if start_m >= Lq:
+        return
+    offs_m = start_m + local_m
+    m_mask = offs_m < Lq
+    q_ptrs = Q + (q0 + start_m) * stride_qt + h * stride_qh + local_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+
+    kvh = h // GROUP
+    k_base = K + k0 * stride_kt + kvh * stride_kh
+    v_base = V + k0 * stride_vt + kvh * stride_vh
+    offs_n = tl.arange(0, BLOCK_N)
+    diag = Lk - Lq  # causal, bottom right: query i sees key j iff j <= i + diag
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), Lk)
+    else:
+        hi = Lk
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        cur_n = start_n + offs_n
+        n_mask = cur_n < Lk
+        # 32-bit offsets from the sequence's (64-bit) base unless a sequence can pass 2^31
+        # elements (OFFS_64, decided on the host from the buffer sizes).
+        key_idx = cur_n.to(tl.int64) if OFFS_64 else cur_n
+        k = tl.load(k_base + key_idx[None, :] * stride_kt + offs_d[:, None],
+                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        visible = n_mask[None, :]
         if CAUSAL:
-            # Keys every row of the block sees: j <= mb*BLOCK_M + diag; keys some row sees:
-            # j < (mb+1)*BLOCK_M + diag.
-            hi = tl.minimum(tl.maximum((mb + 1) * BLOCK_M + diag, 0), Lk)
-            full_hi = tl.minimum(tl.maximum(mb * BLOCK_M + diag + 1, 0), Lk)
-        else:
-            hi = Lk
-            full_hi = Lk
-        full_hi = (full_hi // BLOCK_N) * BLOCK_N
-        acc, m_i, l_i = _varlen_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, 0, full_hi, offs_m, offs_n, d_mask,
-                                      Lk, diag, stride_kt, stride_vt, qk_scale,
-                                      BLOCK_N, False, CAUSAL, PRECISION)
-        acc, m_i, l_i = _varlen_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, full_hi, hi, offs_m, offs_n, d_mask,
-                                      Lk, diag, stride_kt, stride_vt, qk_scale,
-                                      BLOCK_N, True, CAUSAL, PRECISION)
-        # A row that sees no key (l = 0) gets zeros.
-        l_div = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc / l_div[:, None]
-        out = tl.where(bad_k, float("nan"), out)
-        tl.store(O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-                 out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+            visible = visible & (cur_n[None, :] <= offs_m[:, None] + diag)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no visible key yet keep m = -inf: subtract 0 instead, so that
+        # exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + key_idx[:, None] * stride_vt + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    # A row that sees no key (l = 0) gets zeros.
+    l_div = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_div[:, None]
+    out = tl.where(bad_k, float("nan"), out)
+    o_ptrs = O + (q0 + start_m) * stride_ot + h * stride_oh + local_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 def _varlen_blocks(q: torch.Tensor, block_d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this dtype and padded head dim."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this dtype and padded head dim: configs
+    that ptxas compiles for sm_90a without register spills (checked ahead of time, no GPU)."""
     if _interpreting(q):
         return 32, 32, 4, 1
-    if q.dtype == torch.float32:
-        return (64, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
-    if block_d <= 64:
-        return 128, 64, 4, 3
+    if q.dtype == torch.float32:  # IEEE float32 products run on the FMA units: small tiles
+        return {64: (32, 32, 4, 1), 128: (32, 16, 4, 1)}.get(block_d, (32, 16, 8, 1))
     if block_d <= 128:
         return 128, 64, 8, 2
-    return 64, 32, 4, 1
+    return 64, 32, 8, 1
+
+
+def _needs_64bit_offsets(*ts: torch.Tensor) -> bool:
+    """Whether an offset inside one of these tensors can pass 2^31 - 1 elements."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n > 0) >= 2**31 - 1 for t in ts)
 
 
 def _varlen_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, causal,
@@ -197,8 +186,8 @@ def _varlen_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_sc
     bm, bn, warps, stages = _varlen_blocks(q, block_d)
     bm = block_m or bm
     bn = block_n or bn
-    # max_seqlen_q only sizes the grid: the programs loop over query blocks, so a value below
-    # the true maximum costs speed, never rows.
+    # max_seqlen_q sizes the grid (FlashAttention's convention); rows of a longer sequence are
+    # NaN, never silently dropped.
     n_m = max(1, triton.cdiv(int(max_seqlen_q), bm))
     grid = (n_m, Hq, B)
     _varlen_fwd_kernel[grid](
@@ -206,7 +195,8 @@ def _varlen_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_sc
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=bool(causal),
-        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        PRECISION=_precision(q.dtype), OFFS_64=_needs_64bit_offsets(q, k, v, out),
+        num_warps=warps, num_stages=stages,
     )
     return out
 
@@ -229,7 +219,7 @@ def _decode_split_kernel(Q, K, V, LENS, O, M_PART, L_PART, ACC_PART, S_cap, chun
                          stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, OFFS_64: tl.constexpr):
     split = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
@@ -250,8 +240,8 @@ def _decode_split_kernel(Q, K, V, LENS, O, M_PART, L_PART, ACC_PART, S_cap, chun
     b64 = b.to(tl.int64)
     q = tl.load(Q + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-    k_ptrs = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + offs_d[:, None]
-    v_ptrs = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh + offs_d[None, :]
+    k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -259,7 +249,8 @@ def _decode_split_kernel(Q, K, V, LENS, O, M_PART, L_PART, ACC_PART, S_cap, chun
     for start_n in range(start, end, BLOCK_N):
         cur_n = start_n + offs_n
         n_mask = cur_n < end
-        k = tl.load(k_ptrs + cur_n[None, :].to(tl.int64) * stride_ks,
+        key_idx = cur_n.to(tl.int64) if OFFS_64 else cur_n
+        k = tl.load(k_base + key_idx[None, :] * stride_ks + offs_d[:, None],
                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -268,7 +259,7 @@ def _decode_split_kernel(Q, K, V, LENS, O, M_PART, L_PART, ACC_PART, S_cap, chun
         p = tl.math.exp2(s - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs + cur_n[:, None].to(tl.int64) * stride_vs,
+        v = tl.load(v_base + key_idx[:, None] * stride_vs + offs_d[None, :],
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -334,8 +325,13 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits
     group = Hq // Hkv
     block_d = max(16, triton.next_power_of_2(D))
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
-    if block_n is None:
-        block_n = 32 if (_interpreting(q) or q.dtype == torch.float32 or block_d > 128) else 64
+    if block_n is None:  # spill-free on sm_90a (checked ahead of time with ptxas)
+        if _interpreting(q):
+            block_n = 32
+        elif q.dtype == torch.float32:
+            block_n = 32 if block_d <= 128 else 16
+        else:
+            block_n = 64 if block_d <= 128 else 32
     n_blocks = max(1, triton.cdiv(S_cap, block_n))
     if num_splits is None:
         # Enough programs to fill the GPU about twice, splits of at least 4 key blocks. The
@@ -358,8 +354,9 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype), num_warps=warps,
-        num_stages=1 if _interpreting(q) else 2,
+        NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype),
+        OFFS_64=_needs_64bit_offsets(k_cache[0], v_cache[0]), num_warps=warps,
+        num_stages=1 if (_interpreting(q) or q.dtype == torch.float32) else 2,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(Hq, B)](
