@@ -9,7 +9,9 @@
   achieved GB/s and the share of the memcpy ceiling in ``benchmark.extra_info``.
 - At the end of the session, a table per benchmark group of every benchmark that recorded
   "GB/s" (or "TFLOP/s"): median, throughput, % of the memcpy ceiling, and slowdown against the
-  fastest entry of its group. ``--no-vtw-table`` turns it off.
+  fastest entry of its group, and any paired comparison a benchmark recorded in
+  ``extra_info["paired"]`` (alternating calls of two implementations, robust to load drift).
+  ``--no-vtw-table`` turns it off.
 """
 
 from __future__ import annotations
@@ -152,3 +154,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             pct_s = f"{pct:.1f}" if pct is not None else "-"
             tr.write_line(f"  {impl:<34} {_fmt_time(b.stats.median):>12} {thr:>14} "
                           f"{pct_s:>9} {b.stats.median / best:>7.2f}x")
+        for b in items:
+            p = b.extra_info.get("paired")
+            if p:
+                tr.write_line(f"  paired, alternating calls: {b.extra_info.get('impl', b.name)} / "
+                              f"{p['vs']} = {p['ratio']:.3f} median, "
+                              f"{p.get('min_ratio', float('nan')):.3f} fastest ({p['rounds']} pairs)")

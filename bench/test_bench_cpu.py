@@ -18,6 +18,7 @@ before it is timed, so a fast wrong kernel cannot win.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytest
@@ -80,6 +81,27 @@ def _withdraw_fn(impl: str, hidden: torch.Tensor, mask: torch.Tensor):
     raise AssertionError(impl)
 
 
+def paired_ratio(fn, other, other_name: str, budget_s: float = 0.5) -> dict:
+    """median(fn) / median(other) over alternating calls (at least 5 pairs, ~budget_s), and
+    the ratio of the fastest calls (the least disturbed by other jobs)."""
+    t0 = time.perf_counter()
+    fn()
+    other()
+    pair = time.perf_counter() - t0
+    rounds = int(min(300, max(5, budget_s / max(pair, 1e-6))))
+    a, b = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        other()
+        t2 = time.perf_counter()
+        a.append(t1 - t0)
+        b.append(t2 - t1)
+    return {"vs": other_name, "ratio": round(statistics.median(a) / statistics.median(b), 3),
+            "min_ratio": round(min(a) / min(b), 3), "rounds": rounds}
+
+
 @pytest.fixture(scope="module")
 def hidden_cache():
     cache: dict = {}
@@ -106,6 +128,11 @@ def test_withdraw(benchmark, measure, memcpy_ceiling, hidden_cache, batch, dtype
     benchmark.extra_info["impl"] = impl
     benchmark.extra_info["threads"] = torch.get_num_threads()
     measure(benchmark, fn, withdraw_bytes(batch, dtype), memcpy_ceiling)
+    if impl == "vtw-cpu":
+        # The target, measured so that a change of the machine's load cannot decide it: the
+        # two are called alternately and their medians compared.
+        benchmark.extra_info["paired"] = paired_ratio(fn, _withdraw_fn("bool-index", hidden, mask),
+                                                      "bool-index")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,6 +188,9 @@ def _compact_fn(impl: str, keys, values, mask):
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("batch", [1, 4])
 def test_compact_kv(benchmark, measure, memcpy_ceiling, batch, dtype_name, impl):
+    if impl == "vtw-torch-backend" and batch > 1:
+        pytest.skip("the torch reference backend takes 2-10 s per call at B=4 here (30-100x "
+                    "slower than the rest at B=1); skipped to keep the run short")
     dtype = DTYPES[dtype_name]
     keys, values = _kv_cache(batch, dtype)
     mask = llava_mask(batch)
