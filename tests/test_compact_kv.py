@@ -220,11 +220,6 @@ def test_compile_fullgraph_aliased_graph_inputs(dynamic):
     check_compaction(caches.buf, before, caches.views, mask, new_lens, "compiled")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the Python wrapper is not traceable with fullgraph=True: available_backends() calls "
-    "torch._C._dispatch_has_kernel_for_dispatch_key and _validate.check_compact_kv calls "
-    "torch._debug_has_internal_overlap, which Dynamo cannot put in a graph; "
-    "torch.ops.vtw.compact_kv_ itself compiles (tests above)"))
 def test_compile_fullgraph_of_the_python_wrapper():
     torch._dynamo.reset()
     compiled = torch.compile(lambda k, v, m: vtw_kernels.compact_kv_(k, v, m), fullgraph=True, backend="eager")

@@ -260,10 +260,6 @@ def test_compile_fullgraph_backward():
     assert torch.equal(hidden.grad, ref_withdraw_grad(hidden.shape, mask, w, 12, False))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the Python wrapper is not traceable with fullgraph=True: available_backends() calls "
-    "torch._C._dispatch_has_kernel_for_dispatch_key, which Dynamo cannot put in a graph; "
-    "torch.ops.vtw.withdraw itself compiles (tests above)"))
 def test_compile_fullgraph_of_the_python_wrapper():
     torch._dynamo.reset()
     compiled = torch.compile(lambda h, m: vtw_kernels.withdraw(h, m, num_keep=5).out, fullgraph=True,

@@ -95,6 +95,12 @@ def _missing(op: str, backend: str) -> RuntimeError:
 def _pick_backend(op: str, backend: str | None, device: torch.device) -> str:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"vtw.{op}: backend must be one of {BACKENDS} or None, got {backend!r}")
+    if torch.compiler.is_dynamo_compiling():
+        # Dynamo cannot trace the dispatcher look-ups of available_backends; torch.ops.vtw.*
+        # itself dispatches by device (C++ CPU/CUDA kernels, or Triton on the CUDA key).
+        if backend in (None, "cpu", "cuda") and _ext.HAS_C:
+            return "op"
+        return backend or "torch"
     have = available_backends(op)
     if backend is None:
         wanted = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
