@@ -98,7 +98,8 @@ def test_compact_follow_up_turn(family):
             out1 = case.model.generate(**inputs, **gen_kwargs(case, 3))
             gen1 = generated(out1, inputs)
             ids2 = torch.cat([out1.sequences, torch.tensor([new] * len(case.samples))], dim=1)
-            am2 = torch.cat([inputs["attention_mask"], torch.ones(len(case.samples), 3 + len(new), dtype=torch.long)], 1)
+            extra = torch.ones(len(case.samples), 3 + len(new), dtype=torch.long)
+            am2 = torch.cat([inputs["attention_mask"], extra], dim=1)
             out2 = case.model.generate(input_ids=ids2, attention_mask=am2, cache=out1.cache, **gen_kwargs(case, 3))
     finally:
         vtw.disable(case.model)

@@ -301,3 +301,28 @@ def test_bad_mode_and_missing_token_ids(case):
         vtw.enable(lm, 1)
     vtw.enable(lm, 1, visual_mask=lambda inp: inp["input_ids"] == 5)  # text-only decoders work with a callable
     vtw.disable(lm)
+
+
+def test_beam_search_scores_match_reference():
+    # Beam search reorders the caches every step; each returned beam's score (length_penalty 0: the
+    # sum of its tokens' log-probabilities) must be the reference's for that token sequence.
+    from test_enable_support import CASES, ref_forced
+
+    case = CASES["llava"]("sdpa")
+    preps = [prepare(case, s) for s in case.samples]
+    inputs = batch_inputs(case)
+    vtw.enable(case.model, 2)
+    try:
+        with torch.no_grad():
+            out = case.model.generate(**inputs, **gen_kwargs(case, STEPS, num_beams=3, num_return_sequences=2,
+                                                             length_penalty=0.0, output_scores=True))
+    finally:
+        vtw.disable(case.model)
+    gen = out.sequences[:, inputs["input_ids"].shape[1]:]
+    assert gen.shape[0] == 2 * len(preps)
+    for i in range(gen.shape[0]):
+        toks = gen[i].tolist()
+        logits = ref_forced(case, 2, preps[i // 2], toks)
+        score = sum(torch.log_softmax(lg.double(), -1)[t] for lg, t in zip(logits, toks))
+        torch.testing.assert_close(out.sequences_scores[i].double(), score, atol=1e-4, rtol=1e-5)
+    assert any(not torch.equal(gen[2 * b], gen[2 * b + 1]) for b in range(len(preps)))

@@ -397,7 +397,12 @@ def llava_onevision_case(attn: str = "sdpa", seed: int = 0, layers: int = 4) -> 
     """LLaVA-OneVision (Qwen2 text decoder, SigLIP vision): AnyRes images with image-newline
     features; videos pooled 2x2 per frame plus one newline. Token counts read from the model's own
     get_image_features / get_video_features."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     enable_vtw_attention_if_present(attn)
     vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,

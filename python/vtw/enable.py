@@ -7,20 +7,34 @@ How it is wired (see :mod:`vtw.models` for which modules of a model are used):
   (config image/video token ids, or the user's ``visual_mask`` callable) together with the padding
   of this chunk (``attention_mask == 0``), and the number of slots the deep layers will run on
   (``num_keep``: 1 for a one-token decode step; ``S`` under ``torch.compile``; otherwise the
-  largest number of kept tokens in a row, read with one host synchronisation outside the layer
+  largest number of kept tokens in a row, read with one host synchronisation before the layer
   loop).
 - Each decoder layer's ``forward`` is replaced (instance attribute) by a thin wrapper. Layers
   ``< K`` run unchanged on every token. Layer ``K`` gathers, with ``torch.ops.vtw.withdraw``
   (``num_keep`` given: no host synchronisation), the hidden states, and with the same
-  ``keep_index`` the rotary ``(cos, sin)`` (for Qwen2-VL those are built from all three M-RoPE
-  position streams, so every stream keeps its original values), the ``position_ids`` the layers
-  receive, and builds the deep layers' attention mask from the gathered padding mask. Layers
-  ``>= K`` run on those. The last layer scatters its output back to ``[B, S, D]``.
-- Layers ``>= K`` write their KV caches with text-only slots. The cache carries a small record
+  ``keep_index`` the rotary ``(cos, sin)`` (for Qwen2-VL / Qwen2.5-VL those are built from all
+  three M-RoPE position streams before the layer loop, so every stream keeps its original
+  values), the ``position_ids`` the layers receive (2-D, or ``[streams, B, S]``), and builds the
+  deep layers' attention mask from the gathered padding mask. Layers ``>= K`` run on those. The
+  last layer scatters its output back to ``[B, S, D]``. Nothing in the loop reads tensor data on
+  the host.
+- Layers ``>= K`` write text-only KV caches. The cache carries a small record
   (``cache._vtw_book``): the deep layers' ``[B, slots]`` padding mask, which grows with the deep
-  caches (a fixed ``[B, max_cache_len]`` buffer for ``StaticCache``). The deep layers' mask uses
-  the lengths of layer K's own cache (text slots + generated tokens), the shallow layers' mask
-  the usual ones (all tokens), and rotary embeddings always use the original position ids.
+  caches (a fixed ``[B, max_cache_len]`` buffer for ``StaticCache``). Layout of a deep cache row:
+  the prompt's kept tokens in slots ``0 .. n_b - 1`` in order, padding slots up to ``num_keep``,
+  then one slot per later token (a later chunk of several tokens again: its kept tokens, then
+  padding). The deep layers' mask uses the lengths of layer K's own cache, the shallow layers'
+  the usual ones (all tokens); rotary embeddings always use the original position ids. On first
+  use vtw mixes a small class into the cache object (``VtwDynamicCache``, ``VtwStaticCache``) so
+  that beam reordering, batch selection, cropping and reset keep the record in step, and with
+  ``layer == 0`` ``cache.get_seq_length()`` still counts every token seen.
+
+``mode="compact"``: a forward of several tokens (a prefill, a follow-up turn) runs every layer on
+every token (so the first generated token is the unmodified model's), the deep layers attending
+to their compacted past; then one ``vtw_kernels.compact_kv_`` call moves the kept tokens of all
+deep layers' caches to the front of each row, in place. A DynamicCache is then cut to the longest
+row (one host synchronisation, after the layer loop); a StaticCache gets its deep layers' lengths
+set on the device. One-token decode steps run as in ``"withdraw"``.
 
 What the model returns: at text positions, exactly the withdrawn model's hidden states (and
 logits). At withdrawn positions (visual tokens, padding) it returns the hidden state that entered
@@ -31,6 +45,16 @@ with text. With ``output_hidden_states``, the deep layers' entries are in the wi
 
 A token carrying an image/video token id is withdrawn wherever it appears, including a generated
 one (random-weight models generate such ids; trained ones do not).
+
+Calling the text decoder directly (e.g. its ``forward`` under ``torch.compile(fullgraph=True)``):
+pass ``vtw_withdraw_mask=[B, S] bool`` (visual or padding), ``vtw_num_keep=int`` and, in compact
+mode, ``vtw_padding_mask=[B, S] bool``; they travel through the decoder's ``**kwargs`` to the
+layers, which remove them.
+
+Not supported: a 4-D ``attention_mask`` given by the caller (vtw needs the 2-D padding mask; it
+makes ``generate`` pass the 2-D one), sliding-window layers from ``layer`` on, ``inputs_embeds``
+without ``input_ids`` unless ``visual_mask=`` is given, cropping a cache (assisted decoding)
+across tokens that were withdrawn. FlashAttention-2 is untested (not installed here).
 """
 
 from __future__ import annotations
@@ -390,8 +414,7 @@ def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep, explicit
                      position_embeddings=kwargs.get("position_embeddings"), position_ids=kwargs.get("position_ids"),
                      cache=cache, compact=wmask)
     res = _withdraw(hidden, wmask, num_keep)
-    keep_index = res.keep_index if hasattr(res, "keep_index") else res[1]
-    out = res.out if hasattr(res, "out") else res[0]
+    out, keep_index = res[0], res[1]  # a Withdrawn tuple, or the op's plain tuple under torch.compile
     valid = keep_index >= 0
     gidx = keep_index.clamp(min=0)
     pe = kwargs.get("position_embeddings")

@@ -127,7 +127,8 @@ def resolve(model) -> Wiring:
     """Finds the outer model, the text decoder and its layers of `model`, or raises a TypeError
     that says which class could not be wired and what vtw needs."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"vtw.enable: model must be a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
+        raise TypeError("vtw.enable: model must be a torch.nn.Module (a Hugging Face model), "
+                        f"got {type(model).__name__}")
     # 1. Registered families, by class name of the outer model.
     for fam in FAMILIES:
         for outer in _candidates(model):
