@@ -22,7 +22,7 @@ python -m pip install -q --upgrade pip
 # torch first (the CUDA 13 build; it compiles CUDA code without a GPU), then the build tools,
 # then vtw itself without build isolation so it compiles against this very torch.
 python -m pip install -q "torch==2.14.1" ninja pybind11 "setuptools>=64" wheel numpy
-python -m pip install -q triton transformers pytest pytest-benchmark hypothesis tqdm
+python -m pip install -q triton transformers pytest pytest-benchmark hypothesis tqdm pillow
 
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 || true)
