@@ -193,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> withdraw_cuda(const at::Tensor& h
                          : pick_vec_bytes({reinterpret_cast<int64_t>(hidden.data_ptr()), hidden.stride(0) * esz,
                                            hidden.stride(1) * esz, row_bytes});
   TORCH_INTERNAL_ASSERT(vec >= esz, "vtw.withdraw: hidden is not element-aligned");
-  TORCH_CHECK(T * (row_bytes / vec) <= std::numeric_limits<uint32_t>::max(), "vtw.withdraw: hidden's last "
+  TORCH_CHECK(T * (row_bytes / vec) <= std::numeric_limits<uint32_t>::max() - kThreads * kUnroll, "vtw.withdraw: hidden's last "
               "dimension D = ", D, " is too large for this kernel (at most 2^32 ", vec, "-byte vectors per token)");
 
   WithdrawParams p;

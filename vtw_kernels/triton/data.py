@@ -16,7 +16,9 @@ compact_kv_: one launch over every tensor (a device table of base addresses and 
 program i walks stream (tensor, row, head) = unravel(i, [N, B, H]) alone, window by window in
 increasing token order; within a window every load happens before a barrier and every store
 after it, and a kept token's slot is <= its position, so no write lands on a token not yet
-read. Positions >= S are never touched.
+read. Positions >= S are never touched. The table travels host-to-device (pinned, non-blocking)
+on every call, so this path is not capturable in a CUDA graph; the CUDA kernel is (up to 80
+tensors, passed as a kernel parameter).
 """
 
 from __future__ import annotations
