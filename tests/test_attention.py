@@ -251,6 +251,16 @@ def test_varlen_empty():
         assert torch.equal(out, torch.zeros_like(out)), backend
 
 
+def test_nan_inside_a_sequence_propagates_on_cpu():
+    # NaN in a query that is part of a sequence is data, not padding: it must show, not vanish.
+    q, k, v, cq, ck = make_varlen([3, 4], [3, 4], 2, 1, 64, torch.float32)
+    q[4, 1, 7] = float("nan")
+    for backend in ("torch", "cpu"):
+        out = vtw_kernels.varlen_attention(q, k, v, cq, ck, 4, 4, backend=backend)
+        assert torch.isnan(out[4, 1]).all(), backend
+        assert torch.isfinite(out[:4]).all() and torch.isfinite(out[5:]).all() and torch.isfinite(out[4, 0]).all()
+
+
 def test_varlen_length_values_checked_on_cpu():
     q, k, v, cq, ck = make_varlen([4, 3], [4, 3], 2, 1, 64, torch.float32)
     bad = {

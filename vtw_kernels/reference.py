@@ -68,11 +68,16 @@ def _attend(q, k, v, scale: float, causal: bool, len_q: int, len_k: int) -> torc
     kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)
     vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
     scores = qf @ kf.transpose(1, 2) * scale  # [Hq, Lq, Lk]
+    probs_mask = None
     if causal:
         i = torch.arange(len_q, device=q.device)[:, None]
         j = torch.arange(len_k, device=q.device)[None, :]
-        scores = scores.masked_fill(j > i + (len_k - len_q), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
+        hidden = j > i + (len_k - len_q)
+        scores = scores.masked_fill(hidden, float("-inf"))
+        probs_mask = (~hidden).any(-1)[None, :, None]  # rows that see at least one key
+    probs = torch.softmax(scores, dim=-1)
+    if probs_mask is not None:  # fully masked rows -> 0 (a NaN in the data still shows)
+        probs = torch.where(probs_mask, probs, 0.0)
     return (probs @ vf).transpose(0, 1)
 
 

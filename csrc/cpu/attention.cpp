@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <sstream>
@@ -139,6 +140,35 @@ inline const float* tile_as_float(const T* src, int64_t stride, int64_t nb, int6
   }
 }
 
+// x[j] = exp(x[j] - mx) for j < n, where x[j] <= mx (the running max). A branch-free
+// Cody-Waite reduction and a degree-6 polynomial (relative error below 2e-7, as std::exp up to
+// an ulp or two), written so that the compiler vectorises the loop: std::exp is a scalar call
+// and would dominate the tile (one exponential per score against 4 * D flops of products).
+// Results below 2^-125 flush to 0; a NaN score stays NaN.
+inline void exp_shifted(float* __restrict x, int64_t n, float mx) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // ln 2 = hi + lo
+  for (int64_t j = 0; j < n; ++j) {
+    const float t = x[j] - mx;
+    int32_t k = static_cast<int32_t>(t * kLog2e - 0.5f);  // round(t / ln 2), as t <= 0
+    const int32_t under = k < -125;
+    k = under ? -125 : k;
+    const float kf = static_cast<float>(k);
+    const float r = (t - kf * kLn2Hi) - kf * kLn2Lo;  // |r| <= ln(2) / 2
+    float p = 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const int32_t bits = ((k + 127) << 23) & (under - 1);  // 2^k, or +0.0f when under
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(float));
+    x[j] = p * scale;
+  }
+}
+
 // Row-major [rows, cols] float matrix at `p` with leading dimension `ld`, as a tensor view.
 inline at::Tensor view2d(const float* p, int64_t rows, int64_t cols, int64_t ld) {
   return at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
@@ -174,11 +204,9 @@ void attend(RowState& st, int64_t nq, const int64_t* limit, const T* k, int64_t 
       float mx = st.m[i];
       for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, si[j]);
       const float alpha = st.m[i] == kNegInf ? 0.f : std::exp(st.m[i] - mx);
+      exp_shifted(si, vis, mx);
       float sum = 0.f;
-      for (int64_t j = 0; j < vis; ++j) {
-        si[j] = std::exp(si[j] - mx);
-        sum += si[j];
-      }
+      for (int64_t j = 0; j < vis; ++j) sum += si[j];
       std::fill(si + vis, si + nb, 0.f);
       st.l[i] = st.l[i] * alpha + sum;
       st.m[i] = mx;
