@@ -1,0 +1,228 @@
+"""Trains the embedded model on the shapes-on-a-grid task and writes it as a Hugging Face folder.
+
+    python -m vtw.embedded.train                 # writes python/vtw/embedded/model/ (the shipped one)
+    python -m vtw.embedded.train --out DIR       # elsewhere
+    python -m vtw.embedded.train --steps 20      # a quick try
+
+Deterministic: the model is seeded, the training pictures come from a seeded stream
+(``vtw.embedded.task``), ``torch.use_deterministic_algorithms(True)``, and a fixed number of CPU
+threads (``--threads``, default 2; the result of a float32 matrix product can depend on how many
+threads share it). The same command on the same torch build gives the same weights, bit for bit;
+the SHA-256 of the weights is printed at the end and written to ``training.json``.
+
+The loss is the cross-entropy of the answer token at the last prompt position, on full pictures
+only (the model never sees withdrawal while training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+from . import build, task
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "model"
+
+
+class Encoder:
+    """Prompts and pictures to model inputs, exactly as the saved processor makes them
+    (tests/test_demo.py checks that), without the per-picture PIL round trip."""
+
+    def __init__(self, tokenizer=None):
+        self.tokenizer = build.tokenizer() if tokenizer is None else tokenizer
+        self.vocab = self.tokenizer.get_vocab()
+        self._ids: dict[str, list[int]] = {}
+
+    def prompt_ids(self, question: str) -> list[int]:
+        ids = self._ids.get(question)
+        if ids is None:
+            text = task.prompt(question, image_token="<image>" * build.IMAGE_TOKENS)
+            ids = self.tokenizer(text)["input_ids"]
+            self._ids[question] = ids
+        return ids
+
+    def __call__(self, samples) -> dict:
+        rows = [self.prompt_ids(s.question) for s in samples]
+        S = max(len(r) for r in rows)
+        ids = torch.full((len(rows), S), build.PAD_ID, dtype=torch.long)
+        am = torch.zeros(len(rows), S, dtype=torch.long)
+        for b, r in enumerate(rows):  # left padding, as the processor's tokenizer
+            ids[b, S - len(r):] = torch.tensor(r)
+            am[b, S - len(r):] = 1
+        px = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float()
+        px = px / 255.0  # the processor's rescale, then normalise with mean = std = 0.5
+        px = (px - 0.5) / 0.5
+        return {"input_ids": ids, "attention_mask": am, "pixel_values": px}
+
+    def answer_ids(self, samples) -> torch.Tensor:
+        return torch.tensor([self.vocab[s.answer] for s in samples])
+
+    def conversations(self, samples, turns: int, rng) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Multi-turn training inputs: (inputs, positions [N, 2] (row, position of each answer's
+        ``ASSISTANT:`` colon), answer ids [N])."""
+        image = "<image>" * build.IMAGE_TOKENS
+        rows, pos, ans = [], [], []
+        for s in samples:
+            text, answers = task.conversation_text(task.conversation(s, turns, rng), image_token=image)
+            rows.append(self.tokenizer(text)["input_ids"])
+            ans += [self.vocab[a] for a in answers]
+        S = max(len(r) for r in rows)
+        colon, assistant = self.vocab[":"], self.vocab["ASSISTANT"]
+        ids = torch.full((len(rows), S), build.PAD_ID, dtype=torch.long)
+        am = torch.zeros(len(rows), S, dtype=torch.long)
+        for b, r in enumerate(rows):
+            off = S - len(r)
+            ids[b, off:] = torch.tensor(r)
+            am[b, off:] = 1
+            pos += [(b, off + t) for t in range(1, len(r)) if r[t] == colon and r[t - 1] == assistant]
+        inputs = self([s for s in samples])  # pixel values (and the single-turn ids, replaced below)
+        inputs["input_ids"], inputs["attention_mask"] = ids, am
+        positions = torch.tensor(pos)
+        if len(positions) != len(ans):
+            raise RuntimeError("vtw.embedded.train: answer positions and answers disagree")
+        return inputs, positions, torch.tensor(ans)
+
+
+@torch.no_grad()
+def evaluate(model, encoder: Encoder, samples, batch_size: int = 128) -> dict:
+    """Accuracy of the next-token argmax, overall and per question kind."""
+    hits = {k: [0, 0] for k in task.KINDS}
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        logits = model(**encoder(chunk), logits_to_keep=1).logits[:, -1]
+        pred = logits.argmax(-1)
+        ok = (pred == encoder.answer_ids(chunk)).tolist()
+        for s, o in zip(chunk, ok):
+            hits[s.kind][0] += int(o)
+            hits[s.kind][1] += 1
+    total = sum(h[0] for h in hits.values()) / max(1, sum(h[1] for h in hits.values()))
+    return {"accuracy": total, **{k: h[0] / max(1, h[1]) for k, h in hits.items()}}
+
+
+def weights_sha256(model) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(*, steps: int = 1200, batch_size: int = 32, lr: float = 3e-3, warmup: int = 50, seed: int = 0,
+          threads: int = 1, turns: int = 4, log_every: int = 100, eval_samples: int = 1000, out=None,
+          quiet: bool = False):
+    """Trains and returns (model, summary dict); saves model + processor to `out` when given.
+    Sets torch's thread count and deterministic mode while it runs, and restores them after."""
+    prev = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, threads=threads,
+                      turns=turns, log_every=log_every, eval_samples=eval_samples, out=out, quiet=quiet)
+    finally:
+        torch.set_num_threads(prev[0])
+        torch.use_deterministic_algorithms(prev[1])
+
+
+def _train(*, steps, batch_size, lr, warmup, seed, threads, turns, log_every, eval_samples, out, quiet):
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    model = build.model(seed=seed)
+    model.set_attn_implementation("sdpa")
+    encoder = Encoder()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+
+    def schedule(step):  # linear warm-up, cosine decay to 5%
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    rng = np.random.default_rng([task.TRAIN_SEED, seed])
+    say(f"training the embedded model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{steps} steps of {batch_size} pictures x {turns} questions, {threads} thread(s)")
+    model.train()
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    run_loss, run_acc, n = 0.0, 0.0, 0
+    for step in range(steps):
+        samples = [task.sample(rng) for _ in range(batch_size)]
+        inputs, positions, target = encoder.conversations(samples, turns, rng)
+        hidden = model.model(**inputs).last_hidden_state
+        logits = model.lm_head(hidden[positions[:, 0], positions[:, 1]])
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        run_loss += loss.item()
+        run_acc += (logits.argmax(-1) == target).float().mean().item()
+        n += 1
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            say(f"  step {step + 1:5d}  loss {run_loss / n:.4f}  batch accuracy {run_acc / n:.3f}  "
+                f"{time.perf_counter() - t0:6.1f} s")
+            run_loss, run_acc, n = 0.0, 0.0, 0
+    seconds = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    model.eval()
+    held = task.dataset(eval_samples, task.HELD_OUT_SEED)
+    acc = evaluate(model, encoder, held)
+    say("held-out accuracy: " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items())
+        + f"  (chance {task.chance(held):.3f})")
+    summary = {"steps": steps, "batch_size": batch_size, "turns": turns, "lr": lr, "warmup": warmup, "seed": seed,
+               "threads": threads, "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu, 1),
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "held_out": {"samples": eval_samples, "seed": task.HELD_OUT_SEED, **acc},
+               "weights_sha256": weights_sha256(model)}
+    if out is not None:
+        save(model, out, summary)
+        say(f"saved to {out}")
+    say(f"weights sha256 {summary['weights_sha256']}  ({seconds:.0f} s of training, {cpu:.0f} s of CPU time)")
+    return model, summary
+
+
+def save(model, out, summary: dict | None = None) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    build.processor().save_pretrained(out)
+    if summary is not None:
+        (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vtw.embedded.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (default 1200)")
+    p.add_argument("--batch-size", type=int, default=32, help="pictures per step (default 32)")
+    p.add_argument("--turns", type=int, default=4, help="questions per picture, as a multi-turn conversation (default 4)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and data stream (default 0)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1; part of what fixes the result)")
+    p.add_argument("--eval-samples", type=int, default=1000, help="held-out samples to report (default 1000)")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "threads", "eval_samples", "turns"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
+          turns=args.turns, eval_samples=args.eval_samples, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
