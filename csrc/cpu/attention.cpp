@@ -4,7 +4,7 @@
 // taken in blocks of kBlockQ, keys in tiles of kBlockK (converted to float32 once per tile for
 // float16/bfloat16), each row keeps its running (max, sum, accumulator), and the two products
 // of a tile are float32 matrix products (at::mm_out on views of the thread's buffers, so the
-// CPU BLAS torch was built with does them). Memory beyond the output is O(tile) per thread,
+// CPU BLAS torch was built with does them; vectorised loops when there are few rows). Memory beyond the output is O(tile) per thread,
 // never quadratic in the sequence length. Work is spread with at::parallel_for over
 // (sequence, query head, query block) for varlen and over (row, KV head, key split) for
 // decode, whose splits are merged by a second pass (flash-decoding, as on the GPU).
@@ -174,26 +174,52 @@ inline at::Tensor view2d(const float* p, int64_t rows, int64_t cols, int64_t ld)
   return at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
 }
 
+// Rows from which a tile's products go to at::mm_out; below, plain loops the compiler
+// vectorises (a decode step has only the few query heads of one group, where the per-call cost
+// of a matrix product would dominate).
+constexpr int64_t kMinRowsForMatmul = 8;
+
 // Folds keys 0 .. max(limit)-1 of one KV head into the state of `nq` rows; row i sees keys
 // j < limit[i]. Keys are rows of `k`/`v` `k_stride`/`v_stride` elements apart; nothing at or past
-// max(limit) is read. The two products of a tile are float32 matrix products (at::mm_out: the
-// CPU BLAS torch was built with).
+// max(limit) is read.
 template <typename T>
 void attend(RowState& st, int64_t nq, const int64_t* limit, const T* k, int64_t k_stride,
             const T* v, int64_t v_stride, int64_t D, Scratch& sc) {
   int64_t n_keys = 0;
   for (int64_t i = 0; i < nq; ++i) n_keys = std::max(n_keys, limit[i]);
   if (n_keys == 0) return;
+  const bool matmul = nq >= kMinRowsForMatmul;
   float* s = sc.s.data();
-  const at::Tensor q_view = view2d(st.q.data(), nq, D, D);
-  at::Tensor acc_view = view2d(st.acc.data(), nq, D, D);
+  const at::Tensor q_view = matmul ? view2d(st.q.data(), nq, D, D) : at::Tensor();
+  at::Tensor acc_view = matmul ? view2d(st.acc.data(), nq, D, D) : at::Tensor();
   for (int64_t j0 = 0; j0 < n_keys; j0 += kBlockK) {
     const int64_t nb = std::min(kBlockK, n_keys - j0);
-    int64_t ldk = 0, ldv = 0;
-    const float* kf = tile_as_float(k + j0 * k_stride, k_stride, nb, D, sc.kf.data(), &ldk);
+    int64_t ldv = 0;
     const float* vf = tile_as_float(v + j0 * v_stride, v_stride, nb, D, sc.vf.data(), &ldv);
-    at::Tensor s_view = view2d(s, nq, nb, kBlockK);
-    at::mm_out(s_view, q_view, view2d(kf, nb, D, ldk).t());  // s[i][j] = q_i . k_j
+    // Scores s[i][j] = q_i . k_j.
+    if (matmul) {
+      int64_t ldk = 0;
+      const float* kf = tile_as_float(k + j0 * k_stride, k_stride, nb, D, sc.kf.data(), &ldk);
+      at::Tensor s_view = view2d(s, nq, nb, kBlockK);
+      at::mm_out(s_view, q_view, view2d(kf, nb, D, ldk).t());
+    } else {
+      float* kt = sc.kf.data();  // the tile transposed, [D][kBlockK], for loops over keys
+      for (int64_t j = 0; j < nb; ++j) {
+        const T* kr = k + (j0 + j) * k_stride;
+        for (int64_t d = 0; d < D; ++d) kt[d * kBlockK + j] = static_cast<float>(kr[d]);
+      }
+      for (int64_t i = 0; i < nq; ++i) {
+        float* si = s + i * kBlockK;
+        const float* qi = st.q.data() + i * D;
+        std::fill(si, si + nb, 0.f);
+        for (int64_t d = 0; d < D; ++d) {
+          const float qd = qi[d];
+          const float* ktd = kt + d * kBlockK;
+          for (int64_t j = 0; j < nb; ++j) si[j] += qd * ktd[j];
+        }
+      }
+    }
+    // Online softmax, row by row; masked scores become probabilities 0.
     for (int64_t i = 0; i < nq; ++i) {
       float* si = s + i * kBlockK;
       const int64_t vis = std::clamp<int64_t>(limit[i] - j0, 0, nb);  // keys of this tile row i sees
@@ -215,7 +241,20 @@ void attend(RowState& st, int64_t nq, const int64_t* limit, const T* k, int64_t 
         for (int64_t d = 0; d < D; ++d) ai[d] *= alpha;
       }
     }
-    acc_view.addmm_(s_view, view2d(vf, nb, D, ldv));  // acc[i] += sum_j p[i][j] v_j
+    // acc[i] += sum_j p[i][j] v_j.
+    if (matmul) {
+      acc_view.addmm_(view2d(s, nq, nb, kBlockK), view2d(vf, nb, D, ldv));
+    } else {
+      for (int64_t i = 0; i < nq; ++i) {
+        const float* si = s + i * kBlockK;
+        float* ai = st.acc.data() + i * D;
+        for (int64_t j = 0; j < nb; ++j) {
+          const float p = si[j];
+          const float* vj = vf + j * ldv;
+          for (int64_t d = 0; d < D; ++d) ai[d] += p * vj[d];
+        }
+      }
+    }
   }
 }
 
