@@ -172,6 +172,7 @@ setup(
     packages=find_packages(include=["vtw_kernels", "vtw_kernels.*"])
     + find_packages("python", include=["vtw", "vtw.*"]),
     package_dir={"vtw_kernels": "vtw_kernels", "vtw": "python/vtw"},
+    package_data={"vtw": ["embedded/model/*.json", "embedded/model/*.safetensors"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},

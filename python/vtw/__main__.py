@@ -1,24 +1,280 @@
-"""The vtw command line: `python -m vtw <command>`."""
+"""The vtw command line: `python -m vtw <command>` (`python -m vtw <command> --help` for each)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class CLIError(Exception):
+    """An error the command line reports as one line, without a traceback."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _threshold(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return v
+
+
+def parse_layers(spec: str) -> list[int]:
+    """'5-31' -> 5..31; '5,8,12' -> [5, 8, 12]; both may mix: '0-3,8'."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected layers as 'A-B' and/or 'A,B,C' (non-negative integers), got {spec!r}") from None
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(f"expected layers as 'A-B' and/or 'A,B,C' (non-negative integers), got {spec!r}")
+    return sorted(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vtw",
+        description="Visual Tokens Withdrawal for multimodal LLMs: the demo on the embedded model, and the "
+                    "calibration of the withdrawal layer K for any supported Hugging Face model.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", help="the main job: calibrate K on the embedded model and compare accuracy, prefill time, "
+                     "KV-cache memory and FLOPs with and without withdrawal (no download)",
+        description="Loads the embedded tiny LLaVA model (trained by vtw on a synthetic visual question "
+                    "answering task), calibrates the withdrawal layer K on a few samples, then answers a "
+                    "held-out set with the full model, with withdrawal at K, and with the image withdrawn "
+                    "before the first layer (K = 0), and prints accuracy, prefill time, KV-cache memory and "
+                    "FLOPs for each.")
+    demo.add_argument("--short", action="store_true", help="a quick run (fewer samples; for CI)")
+    demo.add_argument("--samples", type=_positive_int, default=None,
+                      help="held-out questions to answer (default 1000; 100 with --short)")
+    demo.add_argument("--calibration-samples", type=_positive_int, default=None,
+                      help="samples to calibrate K on (default 20, as the paper; 10 with --short)")
+    demo.add_argument("--threshold", type=_threshold, default=0.003,
+                      help="calibration threshold on the mean KL (default 0.003, the paper's for LLaVA-1.5-7B)")
+    demo.add_argument("--batch-size", type=_positive_int, default=50, help="samples per forward (default 50)")
+    demo.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    demo.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default 1 on CPU: the steadiest timings on a shared machine)")
+
+    cal = sub.add_parser(
+        "calibrate", help="choose the withdrawal layer K of a model on your images and prompts",
+        description="Runs vtw.calibrate: for each candidate layer K, the mean over samples of "
+                    "KL(P_withdrawn(K) || P_full) of the next-token distribution at the last prompt position; "
+                    "K is the first layer at or under the threshold. Writes calibration.json and "
+                    "calibration.png (the curve, the threshold and K) and prints the curve.")
+    cal.add_argument("--model", default=None,
+                     help="a local model folder or a Hugging Face id (ids need network access); loaded with "
+                          "AutoProcessor and AutoModelForImageTextToText. Default: the embedded model")
+    cal.add_argument("--data", required=True, type=Path,
+                     help='a JSON-lines file, one {"image": path, "prompt": text} per line; relative image paths '
+                          "are relative to the file's folder. A prompt without the processor's image token "
+                          "gets one in front")
+    cal.add_argument("--threshold", type=_threshold, default=0.003, help="threshold on the mean KL (default 0.003)")
+    cal.add_argument("--layers", type=parse_layers, default=None,
+                     help="candidate layers, e.g. '5-31' or '5,8,12' (default: every decoder layer)")
+    cal.add_argument("--out", type=Path, default=Path("."),
+                     help="folder for calibration.json and calibration.png (default: the current folder)")
+    cal.add_argument("--batch-size", type=_positive_int, default=8, help="samples per forward (default 8)")
+    cal.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    cal.add_argument("--dtype", choices=DTYPES, default="auto",
+                     help="model dtype (default auto: the checkpoint's, float32 on CPU)")
+    cal.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# calibrate
+
+
+def read_data(path: Path) -> list[tuple[Path, str]]:
+    """The (image path, prompt) pairs of a JSON-lines file; CLIError on any problem."""
+    if not path.exists():
+        raise CLIError(f"--data file not found: {path}")
+    if not path.is_file():
+        raise CLIError(f"--data must be a file, got the folder {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"cannot read --data file {path}: {e}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str) or not isinstance(rec.get("prompt"), str):
+            raise CLIError(f'{path}, line {n}: expected an object {{"image": path, "prompt": text}} with two strings')
+        img = Path(rec["image"]).expanduser()
+        if not img.is_absolute():
+            img = path.parent / img
+        out.append((img, rec["prompt"]))
+    if not out:
+        raise CLIError(f"--data file {path} holds no sample")
+    return out
+
+
+def load_images(pairs) -> list:
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for img, _ in pairs:
+        if not img.is_file():
+            raise CLIError(f"image not found: {img}")
+        try:
+            with Image.open(img) as im:
+                images.append(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise CLIError(f"cannot read image {img}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return images
+
+
+def load_model(name: str | None, device: str | None, dtype: str):
+    import torch
+
+    from . import embedded
+
+    if name is None:
+        try:
+            name = str(embedded.path())
+        except FileNotFoundError as e:
+            raise CLIError(str(e)) from None
+    local = Path(name).expanduser()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise CLIError(f"--device: {e}") from None
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:  # auto
+        torch_dtype = "auto" if str(device).startswith("cuda") else torch.float32
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    hint = "" if local.exists() else (" (not a local folder; a Hugging Face id needs network access and the "
+                                      "model's files: give a local folder with config, weights and processor)")
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        processor = AutoProcessor.from_pretrained(str(local) if local.exists() else name)
+        model = AutoModelForImageTextToText.from_pretrained(str(local) if local.exists() else name, dtype=torch_dtype)
+        model = model.to(device).eval()
+    except Exception as e:  # noqa: BLE001 - any loading failure becomes one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"cannot load model {name!r}: {type(e).__name__}: {first}{hint}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    return model, processor
+
+
+def run_calibrate(args) -> int:
+    import torch
+
+    from .calibrate import calibrate
+    from .models import resolve
+
+    pairs = read_data(args.data)
+    images = load_images(pairs)
+    model, processor = load_model(args.model, args.device, args.dtype)
+    try:
+        L = len(resolve(model).layers)
+    except TypeError as e:
+        raise CLIError(str(e)) from None
+    if args.layers is not None and max(args.layers) > L:
+        raise CLIError(f"--layers: the model has {L} decoder layers (0 .. {L - 1}; {L} withdraws nothing), "
+                       f"got {max(args.layers)}")
+    tok = getattr(processor, "tokenizer", None)
+    if tok is not None:
+        tok.padding_side = "left"
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    prompts = [p if image_token in p else f"{image_token}\n{p}" for _, p in pairs]
+    batches = []
+    for i in range(0, len(pairs), args.batch_size):
+        try:
+            enc = processor(images=images[i:i + args.batch_size], text=prompts[i:i + args.batch_size],
+                            return_tensors="pt", padding=True)
+        except Exception as e:  # noqa: BLE001
+            raise CLIError(f"the processor failed on samples {i + 1}..{min(len(pairs), i + args.batch_size)}: "
+                           f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+        batches.append(dict(enc))
+    name = args.model or "the embedded model"
+    print(f"vtw calibrate: {name}, {type(model).__name__}, {L} decoder layers, {len(pairs)} samples, "
+          f"threshold {args.threshold:g}")
+    try:
+        cal = calibrate(model, batches, threshold=args.threshold, layers=args.layers, progress=not args.no_progress)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise CLIError(str(e)) from None
+    except torch.cuda.OutOfMemoryError:
+        raise CLIError("out of GPU memory; try a smaller --batch-size") from None
+    cal.extra = {"model": name, "data": str(args.data)}
+    print(cal.table())
+    print(cal.cost_line())
+    try:
+        j, p = cal.save(args.out)
+    except OSError as e:
+        raise CLIError(f"cannot write to --out {args.out}: {e}") from None
+    print(f"wrote {j} and {p}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vtw", description=__doc__ or "")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="the main job: withdraw visual tokens from a small batch and show the result")
-    demo.add_argument("--hidden-size", type=int, default=64, help="hidden size of the demo batch (default 64)")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    if args.command == "demo":
-        from . import demo as demo_mod
+    try:
+        if args.command == "demo":
+            from . import demo as demo_mod
 
-        return demo_mod.run(hidden_size=args.hidden_size)
+            return demo_mod.run(short=args.short, samples=args.samples, calibration_samples=args.calibration_samples,
+                                threshold=args.threshold, batch_size=args.batch_size, device=args.device,
+                                threads=args.threads)
+        if args.command == "calibrate":
+            return run_calibrate(args)
+    except CLIError as e:
+        print(f"vtw {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"vtw {args.command}: interrupted", file=sys.stderr)
+        return 130
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -23,7 +23,7 @@ IMAGE_TOKENS = (task.IMAGE_SIZE // task.CELL) ** 2  # 64
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
-            initializer_range=0.02, tie_word_embeddings=False)
+            initializer_range=0.1, tie_word_embeddings=False)
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
               image_size=task.IMAGE_SIZE, patch_size=task.CELL, projection_dim=64)
 
