@@ -150,6 +150,7 @@ def run(short: bool = False, samples: int | None = None, calibration_samples: in
     print(cal.table())
     print("  " + cal.cost_line())
     K = cal.layer
+    calibrated = K is not None and K < L
     if K is None:
         print(f"  no layer meets the threshold; the comparison below uses K = {L} (nothing withdrawn)")
         K = L
@@ -189,17 +190,24 @@ def run(short: bool = False, samples: int | None = None, calibration_samples: in
     smaller = 1 - results[runs[1][0]]["cache_bytes"] / results["full model"]["cache_bytes"]
     print("\n3. what this shows:")
     keeps = abs(cut - full) <= 0.02
-    print(f"  - withdrawing the {n_vis:.0f} image tokens from layer {K} of {L} on: accuracy {cut:.1%} against "
-          f"{full:.1%} for the full model ({(cut - full) * 100:+.1f} points: "
-          f"{'within' if keeps else 'NOT within'} 2 points), with {saved:.0%} fewer decoder prefill FLOPs and a KV "
-          f"cache {smaller:.0%} smaller;")
+    if calibrated:
+        print(f"  - withdrawing the {n_vis:.0f} image tokens from layer {K} of {L} on: accuracy {cut:.1%} against "
+              f"{full:.1%} for the full model ({(cut - full) * 100:+.1f} points: "
+              f"{'within' if keeps else 'NOT within'} 2 points), with {saved:.0%} fewer decoder prefill FLOPs and a "
+              f"KV cache {smaller:.0%} smaller;")
+    else:
+        print(f"  - no layer reached the KL threshold, so nothing was withdrawn at K = {L}: this model does not "
+              "show that the deep layers can do without the image tokens (its visual information has not moved "
+              "into the text tokens before the last layer);")
     uses_image = full - chance >= 0.10
     near_chance = abs(blind - chance) <= 0.05
-    if uses_image and near_chance:
+    if uses_image and near_chance and calibrated and keeps:
         verdict = ("the answers depend on the picture, yet by layer K its information has moved into the text "
                    "tokens, as the paper observes")
     elif not uses_image:
         verdict = "the full model itself is close to chance, so this model shows little of the phenomenon"
+    elif uses_image and near_chance:
+        verdict = "the answers depend on the picture"
     else:
         verdict = "not near chance: the question text alone already helps this model"
     print(f"  - withdrawing them before the first layer: accuracy {blind:.1%} against chance {chance:.1%}: {verdict}.")
