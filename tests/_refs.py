@@ -214,3 +214,28 @@ class Caches:
     def split(self, buf):
         v = self.views(buf)
         return v[: self.n_keys], v[self.n_keys:]
+
+
+def make_mask(kind: str, B: int, S: int, g: torch.Generator) -> torch.Tensor:
+    """Visual masks of the shapes the tests need: random, all visual, none visual, rows of each
+    kind mixed, one span per row at a different offset (as in LLaVA prompts), non-contiguous."""
+    if kind == "random":
+        return torch.rand(B, S, generator=g) < 0.5
+    if kind == "all_visual":
+        return torch.ones(B, S, dtype=torch.bool)
+    if kind == "no_visual":
+        return torch.zeros(B, S, dtype=torch.bool)
+    if kind == "mixed_rows":  # rows all visual, rows without visual tokens, random rows
+        m = torch.rand(B, S, generator=g) < torch.rand(B, 1, generator=g)
+        m[0] = True
+        if B > 1:
+            m[1] = False
+        return m
+    if kind == "span":  # one image per row at a different offset
+        m = torch.zeros(B, S, dtype=torch.bool)
+        for b in range(B):
+            m[b, 1 + b: max(1 + b, S - 2 - b)] = True
+        return m
+    if kind == "strided":  # a non-contiguous mask
+        return (torch.rand(2 * B, 3 * S + 1, generator=g) < 0.5)[::2, 1::3][:, :S]
+    raise AssertionError(kind)

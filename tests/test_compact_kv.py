@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vtw_kernels
-from _refs import FLOAT_DTYPES, Caches, backends, check_compaction, random_bits, ref_new_lens
+from _refs import FLOAT_DTYPES, Caches, backends, check_compaction, make_mask, random_bits, ref_new_lens
 
 BACKENDS = backends("compact_kv_")
 DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in FLOAT_DTYPES]
@@ -22,29 +22,6 @@ DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in FLOAT_DTYPE
 def test_backends_under_test():
     assert "torch" in BACKENDS
     assert "cpu" in BACKENDS, vtw_kernels.build_hint()
-
-
-def _mask(kind, B, S, g):
-    if kind == "random":
-        return torch.rand(B, S, generator=g) < 0.5
-    if kind == "all_visual":
-        return torch.ones(B, S, dtype=torch.bool)
-    if kind == "no_visual":
-        return torch.zeros(B, S, dtype=torch.bool)
-    if kind == "mixed_rows":
-        m = torch.rand(B, S, generator=g) < torch.rand(B, 1, generator=g)
-        m[0] = True
-        if B > 1:
-            m[1] = False
-        return m
-    if kind == "span":
-        m = torch.zeros(B, S, dtype=torch.bool)
-        for b in range(B):
-            m[b, 1 + b: max(1 + b, S - 2 - b)] = True
-        return m
-    if kind == "strided":  # a non-contiguous mask
-        return (torch.rand(2 * B, 3 * S + 1, generator=g) < 0.5)[::2, 1::3][:, :S]
-    raise AssertionError(kind)
 
 
 CASES = [
@@ -70,7 +47,7 @@ CASES = [
 def test_matches_reference(backend, dtype, B, H, S, S_cap, L, Dk, Dv, layout, kind):
     g = torch.Generator().manual_seed(B * 100 + S)
     caches = Caches(B, H, S_cap, [(dtype, Dk, layout)] * L, [(dtype, Dv, layout)] * L, seed=S_cap)
-    mask = _mask(kind, B, S, g)
+    mask = make_mask(kind, B, S, g)
     before = caches.buf.clone()
     keys, values = caches.split(caches.buf)
     new_lens = vtw_kernels.compact_kv_(keys, values, mask, backend=backend)

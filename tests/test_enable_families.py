@@ -17,7 +17,7 @@ from test_enable_llava import (  # noqa: F401  (collected here with this module'
     test_reference_is_not_vacuous,
     test_sampling_generate_matches_reference,
 )
-from test_enable_support import one_thread  # noqa: F401  (autouse: one intra-op thread)
+from test_enable_support import enabled, one_thread  # noqa: F401  (fixtures: enable on `case`, one intra-op thread)
 from test_enable_support import ATTN, CASES, prepare
 
 FAMILIES = [f for f in CASES if f != "llava"]
@@ -29,15 +29,6 @@ def case(request):
     c = CASES[family](attn)
     c.preps = [prepare(c, s) for s in c.samples]
     return c
-
-
-@pytest.fixture
-def enabled(case):
-    def _enable(layer, **kw):
-        return vtw.enable(case.model, layer, **kw)
-
-    yield _enable
-    vtw.disable(case.model)
 
 
 # Fewer layers K than on LLaVA (test_enable_llava.py runs every K), to keep the suite short.

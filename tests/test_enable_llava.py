@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vtw
-from test_enable_support import one_thread  # noqa: F401  (autouse: one intra-op thread)
+from test_enable_support import enabled, one_thread  # noqa: F401  (fixtures: enable on `case`, one intra-op thread)
 from test_enable_support import (
     ATTN,
     assert_matches_reference,
@@ -30,15 +30,6 @@ def case(request):
     c = llava_case(request.param)
     c.preps = [prepare(c, s) for s in c.samples]
     return c
-
-
-@pytest.fixture
-def enabled(case):
-    def _enable(layer, **kw):
-        return vtw.enable(case.model, layer, **kw)
-
-    yield _enable
-    vtw.disable(case.model)
 
 
 def test_reference_is_not_vacuous(case):

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+import vtw
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """These models are tiny: one intra-op thread. On a shared 2-core machine, OpenMP threads that
@@ -27,6 +30,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def enabled(case):
+    """Enables withdrawal on the requesting module's `case` model; disables it after the test."""
+
+    def _enable(layer, **kw):
+        return vtw.enable(case.model, layer, **kw)
+
+    yield _enable
+    vtw.disable(case.model)
 
 
 ATTN = ["eager", "sdpa"] + (["vtw"] if importlib.util.find_spec("vtw.attention") is not None else [])

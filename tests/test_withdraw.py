@@ -9,6 +9,7 @@ import torch
 
 import vtw_kernels
 from _refs import (
+    make_mask,
     FLOAT_DTYPES,
     assert_bits_equal,
     assert_withdraw_equal,
@@ -27,27 +28,6 @@ def test_backends_under_test():
     # Both backends of this file must be present here: a missing one would silently shrink it.
     assert "torch" in BACKENDS
     assert "cpu" in BACKENDS, vtw_kernels.build_hint()
-
-
-def _mask(kind: str, B: int, S: int, g: torch.Generator) -> torch.Tensor:
-    if kind == "random":
-        return torch.rand(B, S, generator=g) < 0.5
-    if kind == "all_visual":
-        return torch.ones(B, S, dtype=torch.bool)
-    if kind == "no_visual":
-        return torch.zeros(B, S, dtype=torch.bool)
-    if kind == "mixed_rows":  # rows all visual, rows without visual tokens, random rows
-        m = torch.rand(B, S, generator=g) < torch.rand(B, 1, generator=g)
-        m[0] = True
-        if B > 1:
-            m[1] = False
-        return m
-    if kind == "span":  # one image per row at a different offset, as in LLaVA prompts
-        m = torch.zeros(B, S, dtype=torch.bool)
-        for b in range(B):
-            m[b, 2 + b: S - 3 - 2 * b] = True
-        return m
-    raise AssertionError(kind)
 
 
 CASES = [
@@ -73,7 +53,7 @@ CASES = [
 def test_matches_reference(backend, dtype, B, S, D, kind, pad_left, extra):
     g = torch.Generator().manual_seed(B * 1000 + S * 10 + D)
     hidden = special_values((B, S, D), dtype, g)
-    mask = _mask(kind, B, S, g)
+    mask = make_mask(kind, B, S, g)
     max_kept = int((~mask).sum(1).max()) if B else 0
     num_keep = None if extra is None else max_kept + extra
     before = hidden.clone()
