@@ -8,16 +8,20 @@ How it is wired (see :mod:`vtw.models` for which modules of a model are used):
   of this chunk (``attention_mask == 0``), and the number of slots the deep layers will run on
   (``num_keep``: 1 for a one-token decode step; ``S`` under ``torch.compile``; otherwise the
   largest number of kept tokens in a row, read with one host synchronisation before the layer
-  loop).
+  loop, which also tells whether every row keeps that many, i.e. whether the deep layers have
+  padding slots at all).
 - Each decoder layer's ``forward`` is replaced (instance attribute) by a thin wrapper. Layers
   ``< K`` run unchanged on every token. Layer ``K`` gathers, with ``torch.ops.vtw.withdraw``
   (``num_keep`` given: no host synchronisation), the hidden states, and with the same
   ``keep_index`` the rotary ``(cos, sin)`` (for Qwen2-VL / Qwen2.5-VL those are built from all
   three M-RoPE position streams before the layer loop, so every stream keeps its original
   values), the ``position_ids`` the layers receive (2-D, or ``[streams, B, S]``), and builds the
-  deep layers' attention mask from the gathered padding mask. Layers ``>= K`` run on those. The
-  last layer scatters its output back to ``[B, S, D]``. Nothing in the loop reads tensor data on
-  the host.
+  deep layers' attention mask from the gathered padding mask (none at all when the host knows
+  there is no padding slot, so SDPA runs with ``is_causal`` as in the unmodified model; otherwise
+  always applied, never tested for all-True on the host; in a one-token decode step with SDPA it
+  is a view of the padding mask). Layers ``>= K`` run on those. The last layer scatters its output
+  back to ``[B, S, D]``. Nothing in the loop reads tensor data on the host
+  (``tests/test_enable_sync.py``).
 - Layers ``>= K`` write text-only KV caches. The cache carries a small record
   (``cache._vtw_book``): the deep layers' ``[B, slots]`` padding mask, which grows with the deep
   caches (a fixed ``[B, max_cache_len]`` buffer for ``StaticCache``). Layout of a deep cache row:
@@ -300,15 +304,24 @@ def _withdraw_mask(state: _State, inputs: dict):
         vm = vm | pad
     if S <= 1 or torch.compiler.is_compiling() or (state.mode == "compact"):
         num_keep = S  # compact mode does not withdraw in forwards of several tokens
+        # Whether every deep slot of this chunk holds a token is known on the host only when
+        # nothing can be withdrawn from it: compact mode without padding.
+        dense = state.mode == "compact" and S > 1 and pad is None
+    elif B == 0:
+        num_keep, dense = 1, False
     else:  # one host synchronisation per forward, before the layer loop
-        num_keep = max(int((~vm).sum(1).max()), 1)
-    return _Pending(vm, num_keep, pad)
+        lo, hi = torch.aminmax((~vm).sum(1, dtype=torch.int32))
+        lo, hi = torch.stack([lo, hi]).tolist()
+        num_keep = max(hi, 1)
+        dense = lo == hi and hi > 0  # every row keeps num_keep tokens: no padding slot in the deep layers
+    return _Pending(vm, num_keep, pad, dense)
 
 
 class _Pending(NamedTuple):
     withdraw: torch.Tensor  # [B, S] bool: visual or padding
     num_keep: int
     padding: torch.Tensor | None  # [B, S] bool: padding of this chunk
+    dense: bool = False  # known on the host: every deep slot of this chunk holds a kept token
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,6 +344,8 @@ class _Deep:
 
     def scatter_back(self, out: torch.Tensor) -> torch.Tensor:
         B, S, D = self.full.shape
+        if S == 1 and out.shape[1] == 1:  # a decode step: slot 0 is position 0 where valid
+            return torch.where(self.valid[..., None], out.to(self.full.dtype), self.full)
         buf = torch.cat([self.full, self.full.new_zeros(B, 1, D)], dim=1)
         index = torch.where(self.valid, self.keep_index, S)
         buf.scatter_(1, index[..., None].expand(-1, -1, D), out.to(buf.dtype))
@@ -382,20 +397,39 @@ def _gather_seq(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx)
 
 
+_OP_SERVES: dict = {}
+
+
+def _op_serves(device: torch.device) -> bool:
+    """Whether ``torch.ops.vtw.withdraw`` has a kernel for this device type (the C++ CPU or CUDA
+    kernel, or Triton on the CUDA key); cached, since the wrapper's backend look-up costs more
+    than a decode step's copy."""
+    v = _OP_SERVES.get(device.type)
+    if v is None:
+        from vtw_kernels import _ext
+
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+        v = _OP_SERVES[device.type] = bool(key) and _ext.has_kernel("withdraw", key)
+    return v
+
+
 def _withdraw(hidden, mask, num_keep):
-    if torch.compiler.is_compiling() and vtw_kernels.HAS_C:
+    if (torch.compiler.is_compiling() and vtw_kernels.HAS_C) or _op_serves(hidden.device):
+        # The operator itself checks its arguments (and dispatches by device); the Python
+        # wrapper would add its own checks and backend choice, ~0.1 ms per call.
         return torch.ops.vtw.withdraw(hidden, mask, num_keep, False)
     return vtw_kernels.withdraw(hidden, mask, num_keep=num_keep)
 
 
 def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep, explicit_pad) -> _Deep:
     B, S, _ = hidden.shape
+    dense = False
     if explicit_mask is not None:
         wmask = explicit_mask
         num_keep = S if explicit_keep is None else explicit_keep
         padding = explicit_pad
     elif state.pending is not None:
-        wmask, num_keep, padding = state.pending
+        wmask, num_keep, padding, dense = state.pending
     else:
         raise RuntimeError("vtw: no withdraw mask for this forward: call the model (or its language model) with "
                            "input_ids, or give vtw.enable a visual_mask= callable")
@@ -408,36 +442,70 @@ def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep, explicit
         # Every layer sees every token (the unmodified model's output); the deep layers attend to
         # their compacted past and to this chunk, and are compacted once the last layer has run.
         valid = ~padding.to(hidden.device) if padding is not None else torch.ones_like(wmask)
-        deep_padding = _deep_padding(state, cache, valid, S)
-        mask = _deep_causal_mask(state, hidden, deep_padding, cache)
+        deep_padding, dense = _deep_padding(state, cache, valid, S, dense)
+        mask = _deep_causal_mask(state, hidden, deep_padding, cache, dense)
         return _Deep(hidden=hidden, full=hidden, keep_index=None, valid=None, mask=mask,
                      position_embeddings=kwargs.get("position_embeddings"), position_ids=kwargs.get("position_ids"),
                      cache=cache, compact=wmask)
     res = _withdraw(hidden, wmask, num_keep)
-    out, keep_index = res[0], res[1]  # a Withdrawn tuple, or the op's plain tuple under torch.compile
+    out, keep_index = res[0], res[1]  # a Withdrawn tuple, or the op's plain tuple
     valid = keep_index >= 0
-    gidx = keep_index.clamp(min=0)
     pe = kwargs.get("position_embeddings")
-    if pe is not None:
-        pe = tuple(_gather_seq(t, gidx) for t in pe)
     pos = kwargs.get("position_ids")
-    if isinstance(pos, torch.Tensor):
-        if pos.ndim == 2:
-            pos = _gather_seq(pos, gidx)
-        elif pos.ndim == 3:  # [streams, B, S]
-            pos = torch.stack([_gather_seq(p, gidx) for p in pos.unbind(0)])
-    deep_padding = _deep_padding(state, cache, valid, S)
-    mask = _deep_causal_mask(state, out, deep_padding, cache)
+    if S > 1 or out.shape[1] != 1:
+        gidx = keep_index.clamp(min=0)
+        if pe is not None:
+            pe = tuple(_gather_seq(t, gidx) for t in pe)
+        if isinstance(pos, torch.Tensor):
+            if pos.ndim == 2:
+                pos = _gather_seq(pos, gidx)
+            elif pos.ndim == 3:  # [streams, B, S]
+                pos = torch.stack([_gather_seq(p, gidx) for p in pos.unbind(0)])
+    # else: one token in one slot per row (a decode step): the slot keeps the token's position,
+    # so the rotary embeddings and position ids are used as they are (no gather, no copy).
+    deep_padding, dense = _deep_padding(state, cache, valid, S, dense)
+    mask = _deep_causal_mask(state, out, deep_padding, cache, dense)
     return _Deep(hidden=out, full=hidden, keep_index=keep_index, valid=valid, mask=mask,
                  position_embeddings=pe, position_ids=pos, cache=cache)
 
 
-def _deep_causal_mask(state: _State, inputs_embeds, padding, cache):
+def _deep_causal_mask(state: _State, inputs_embeds, padding, cache, dense: bool = False):
+    """The deep layers' attention mask, without reading tensor data on the host: when the host
+    knows that every deep slot holds a token (`dense`), no padding mask is passed (SDPA then runs
+    with ``is_causal`` or no mask, as the unmodified model does without padding); otherwise the
+    padding mask is always applied (``allow_is_causal_skip=False``), instead of letting
+    transformers test it for all-True, which would synchronise with the device here, inside the
+    layer loop."""
     from transformers.masking_utils import create_causal_mask
 
+    if (not dense and inputs_embeds.shape[1] == 1 and state.config._attn_implementation in _BOOL_MASK_IMPLS
+            and padding.shape[1] == _deep_kv_length(cache, state.layer, 1)):
+        # One query per row (a decode step) sees every slot before it: SDPA's boolean mask is the
+        # padding mask itself, a view (what create_causal_mask builds from it with several kernels).
+        return padding[:, None, None, :]
+    view = _DeepView(cache, state.layer) if cache is not None else None
+    if dense:
+        return create_causal_mask(config=state.config, inputs_embeds=inputs_embeds, attention_mask=None,
+                                  cache=view, position_ids=None, layer_idx=state.layer)
     return create_causal_mask(config=state.config, inputs_embeds=inputs_embeds, attention_mask=padding,
-                              cache=_DeepView(cache, state.layer) if cache is not None else None,
-                              position_ids=None, layer_idx=state.layer)
+                              cache=view, position_ids=None, layer_idx=state.layer, allow_is_causal_skip=False)
+
+
+_BOOL_MASK_IMPLS = ("sdpa", "vtw")  # whose mask function builds SDPA's boolean [B, 1, q, kv] mask
+
+
+def _deep_kv_length(cache, layer: int, query_length: int) -> int:
+    """The key length the deep layers attend over in this forward (-1 for a static cache, whose
+    capacity the mask must span)."""
+    if cache is None:
+        return query_length
+    layers = cache.layers
+    lay = layers[layer] if layer < len(layers) else None
+    if lay is None:
+        return query_length
+    if _is_static(lay):
+        return -1
+    return lay.get_seq_length() + query_length
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,15 +543,19 @@ class _Book:
         self.layer = layer
         self.mask: torch.Tensor | None = None  # [B, slots] bool
         self.full_len = None  # K == 0 only: tokens seen by the model (layer 0's cache is text-only)
+        self.dense = True  # known on the host: every slot of `mask` is True (no padding slot)
 
 
 def _is_static(lay) -> bool:
     return lay is not None and hasattr(lay, "max_cache_len") and getattr(lay, "is_compileable", False)
 
 
-def _deep_padding(state: _State, cache, valid: torch.Tensor, S: int):
+def _deep_padding(state: _State, cache, valid: torch.Tensor, S: int, dense: bool = False):
+    """The deep layers' padding mask over their slots (past and this chunk's), recorded on the
+    cache, and whether the host knows that every one of those slots holds a token (`dense`
+    says so for this chunk; the record remembers it for the past)."""
     if cache is None:
-        return valid
+        return valid, dense
     K = state.layer
     book = getattr(cache, "_vtw_book", None)
     if book is None or book.layer != K:
@@ -508,7 +580,7 @@ def _deep_padding(state: _State, cache, valid: torch.Tensor, S: int):
             if book.full_len is None:
                 book.full_len = torch.zeros((), dtype=torch.long, device=valid.device)
             book.full_len.add_(S)
-        return deep
+        return deep, False  # the unused tail of a static cache is padding
     past = lay.get_seq_length() if lay is not None else 0
     prev = book.mask
     if prev is None:
@@ -522,10 +594,12 @@ def _deep_padding(state: _State, cache, valid: torch.Tensor, S: int):
                          "filled before vtw.enable?); start from a new cache")
     deep = torch.cat([prev, valid], dim=1)
     book.mask = deep
+    # A cropped record is a prefix of a dense one: still dense; an empty one is dense.
+    book.dense = dense and (past == 0 or book.dense)
     if K == 0:
         full = 0 if book.full_len is None else book.full_len
         book.full_len = full + S
-    return deep
+    return deep, book.dense
 
 
 def _compact_deep_caches(state: _State, cache, wmask: torch.Tensor) -> None:
@@ -553,11 +627,12 @@ def _compact_deep_caches(state: _State, cache, wmask: torch.Tensor) -> None:
         return
     keep = torch.cat([book.mask[:, : end - S], ~wmask], dim=1)
     new_lens = vtw_kernels.compact_kv_([x.keys for x in deep], [x.values for x in deep], ~keep)
-    top = int(new_lens.max()) if B else 0  # one host synchronisation, after the layer loop
+    lo, top = torch.stack(torch.aminmax(new_lens)).tolist() if B else (0, 0)  # one host synchronisation, after the layers
     for x in deep:
         x.keys = x.keys[:, :, :top].clone()  # clone: the memory of the withdrawn slots is freed now
         x.values = x.values[:, :, :top].clone()
     book.mask = torch.arange(top, device=wmask.device)[None] < new_lens[:, None]
+    book.dense = lo == top
 
 
 class _VtwCacheMixin:
