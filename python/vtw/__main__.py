@@ -24,6 +24,30 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        out = ()
+    if not out or min(out) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive batch sizes such as 2 or 1,8,32, got {text!r}")
+    return out
+
+
+def _sweep(text: str):
+    return "all" if text.strip() == "all" else parse_layers(text)
+
+
 def _threshold(text: str) -> float:
     try:
         v = float(text)
@@ -61,8 +85,9 @@ def parse_layers(spec: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m vtw",
-        description="Visual Tokens Withdrawal for multimodal LLMs: the demo on the embedded model, and the "
-                    "calibration of the withdrawal layer K for any supported Hugging Face model.")
+        description="Visual Tokens Withdrawal for multimodal LLMs: the demo on the embedded model, the "
+                    "calibration of the withdrawal layer K for any supported Hugging Face model, and the "
+                    "end-to-end benchmark.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser(
@@ -107,6 +132,47 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--dtype", choices=DTYPES, default="auto",
                      help="model dtype (default auto: the checkpoint's, float32 on CPU)")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    from .bench import PRESETS
+
+    ben = sub.add_parser(
+        "bench", help="end-to-end benchmark: prefill time to first token, decode tokens/s and KV-cache bytes "
+                      "with and without withdrawal, against the ideal speedup (LLaVA-1.5 shapes, random weights)",
+        description="Builds a LLaVA-1.5-shaped LlavaForConditionalGeneration with random weights from a config "
+                    "(no download), and measures with and without vtw.enable(model, K), in alternating rounds: "
+                    "prefill time to first token (vision tower included), decode tokens per second, and the "
+                    "KV-cache bytes (all layers, and the deep layers >= K). Prints the measured speedup beside "
+                    "the ideal one from VTW.md's FLOPs formula (4nd^2 + 2n^2d + 3ndm per decoder layer) and their "
+                    "ratio; --sweep adds a speedup-against-K sweep (bench_sweep.png). Writes bench.json to --out.",
+        epilog="presets: " + "; ".join(f"{p.name}: {p.layers} layers, hidden {p.hidden}, {p.image_tokens} image "
+                                       f"tokens, {p.dtype} ({p.about})" for p in PRESETS.values()))
+    ben.add_argument("--preset", choices=list(PRESETS), default="small", help="model shape (default small)")
+    ben.add_argument("--batch", type=_batches, default=None,
+                     help="batch size(s), e.g. 2 or 1,8,32 (default 2 on CPU, 1,8,32 on a GPU)")
+    ben.add_argument("--layer", "-K", type=_non_negative_int, default=None,
+                     help="withdrawal layer K (0-based; default: half the decoder layers, L/2)")
+    ben.add_argument("--system-tokens", type=_positive_int, default=35,
+                     help="system-prompt tokens before the image (default 35, LLaVA-1.5's)")
+    ben.add_argument("--text-tokens", type=_positive_int, default=60,
+                     help="question tokens after the image (default 60: 95 text tokens in all)")
+    ben.add_argument("--device", default=None, help="torch device (default: cuda for the GPU presets, else cpu)")
+    ben.add_argument("--dtype", choices=DTYPES, default="auto",
+                     help="model dtype (default auto: the preset's on CUDA (bfloat16 for the 7B/13B shapes), "
+                          "float32 on CPU)")
+    ben.add_argument("--threads", type=_positive_int, default=None,
+                     help="CPU threads for torch (default 1 on CPU: the steadiest timings on a shared machine)")
+    ben.add_argument("--repeats", type=_positive_int, default=5, help="alternating timed rounds (default 5)")
+    ben.add_argument("--warmup", type=_non_negative_int, default=1, help="warm-up rounds (default 1)")
+    ben.add_argument("--new-tokens", type=_non_negative_int, default=32,
+                     help="decode steps timed after each prefill (default 32; 0: prefill only)")
+    ben.add_argument("--sweep", type=_sweep, default=None,
+                     help="also measure the prefill speedup at these K, e.g. 'all', '0-8' or '2,4,6' "
+                          "(writes bench_sweep.png)")
+    ben.add_argument("--attn", choices=("sdpa", "eager", "vtw"), default="sdpa",
+                     help="attention implementation (default sdpa)")
+    ben.add_argument("--out", type=Path, default=Path("."),
+                     help="folder for bench.json (and bench_sweep.png) (default: the current folder)")
+    ben.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the weights and prompts")
     return parser
 
 
@@ -252,6 +318,40 @@ def run_calibrate(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# bench
+
+
+def run_bench(args) -> int:
+    import torch
+
+    from . import bench
+
+    p = bench.PRESETS[args.preset]
+    device = args.device
+    if device is None:
+        if p.device == "cuda" and not torch.cuda.is_available():
+            raise CLIError(f"preset {p.name} is meant for a GPU ({p.dtype}) and torch sees no CUDA device; pass "
+                           "--device cpu to run it on the CPU anyway, or use --preset small")
+        device = p.device
+    on_gpu = str(device).startswith("cuda")
+    batches = args.batch or ((1, 8, 32) if on_gpu else (2,))
+    sweep = args.sweep
+    if sweep == "all":
+        sweep = list(range(p.layers + 1))
+    cfg = bench.BenchConfig(preset=args.preset, batches=batches, layer=args.layer, system_tokens=args.system_tokens,
+                            text_tokens=args.text_tokens, device=device, dtype=args.dtype, threads=args.threads,
+                            repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens, sweep=sweep,
+                            attn=args.attn, out=str(args.out), seed=args.seed)
+    try:
+        bench.run_bench(cfg)
+    except bench.BenchError as e:
+        raise CLIError(str(e)) from None
+    except torch.cuda.OutOfMemoryError:
+        raise CLIError("out of GPU memory; try a smaller --batch or a smaller preset") from None
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
                                 threads=args.threads)
         if args.command == "calibrate":
             return run_calibrate(args)
+        if args.command == "bench":
+            return run_bench(args)
     except CLIError as e:
         print(f"vtw {args.command}: error: {e}", file=sys.stderr)
         return 1
