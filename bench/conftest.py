@@ -10,7 +10,8 @@
 - At the end of the session, a table per benchmark group of every benchmark that recorded
   "GB/s" (or "TFLOP/s"): median, throughput, % of the memcpy ceiling, and slowdown against the
   fastest entry of its group, and any paired comparison a benchmark recorded in
-  ``extra_info["paired"]`` (alternating calls of two implementations, robust to load drift).
+  ``extra_info["paired"]`` (alternating calls of two implementations, robust to load drift),
+  and any ``extra_info["note"]`` (one line, e.g. a speedup beside its ideal).
   ``--no-vtw-table`` turns it off.
 """
 
@@ -160,3 +161,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 tr.write_line(f"  paired, alternating calls: {b.extra_info.get('impl', b.name)} / "
                               f"{p['vs']} = {p['ratio']:.3f} median, "
                               f"{p.get('min_ratio', float('nan')):.3f} fastest ({p['rounds']} pairs)")
+            if b.extra_info.get("note"):  # e.g. the end-to-end benchmarks' speedup beside the ideal
+                tr.write_line(f"  {b.extra_info.get('impl', b.name)}: {b.extra_info['note']}")
