@@ -103,8 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="held-out questions to answer (default 1000; 100 with --short)")
     demo.add_argument("--calibration-samples", type=_positive_int, default=None,
                       help="samples to calibrate K on (default 20, as the paper; 10 with --short)")
-    demo.add_argument("--threshold", type=_threshold, default=0.003,
-                      help="calibration threshold on the mean KL (default 0.003, the paper's for LLaVA-1.5-7B)")
+    demo.add_argument("--threshold", type=_threshold, default=None,
+                      help="calibration threshold on the mean KL (default 0.02, the embedded model's: the paper's "
+                           "0.003 is LLaVA-1.5-7B's and selects no layer of this 6-layer model; the demo prints "
+                           "what it would choose)")
     demo.add_argument("--batch-size", type=_positive_int, default=50, help="samples per forward (default 50)")
     demo.add_argument("--device", default="cpu", help="torch device (default cpu)")
     demo.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default 1 on CPU: the steadiest timings on a shared machine)")

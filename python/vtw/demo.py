@@ -107,8 +107,20 @@ def _fmt_bytes(b: float) -> str:
     return f"{b:.1f} GiB"
 
 
+#: The KL threshold the demo calibrates the embedded model with. The paper's thresholds belong to
+#: their models (0.003 for LLaVA-1.5-7B, 0.0005 for -13B, 0.0001 for LLaVA-1.6-Vicuna-7B: smaller
+#: for the stronger models) and do not carry over to a 6-layer model with a 90-word vocabulary
+#: trained with label smoothing 0.1: withdrawing the picture from its last layer alone already
+#: gives a mean KL of about 0.004 on the calibration samples, so the paper's 0.003 would select no
+#: layer at all. 0.02 was set once from the calibration samples' curve (never the held-out set),
+#: where it falls by two orders of magnitude; the demo prints every K's held-out accuracy next to
+#: its KL, and what the paper's 0.003 would have chosen, so the choice can be judged.
+EMBEDDED_THRESHOLD = 0.02
+PAPER_THRESHOLD = 0.003
+
+
 def run(short: bool = False, samples: int | None = None, calibration_samples: int | None = None,
-        threshold: float = 0.003, batch_size: int = 50, device: str = "cpu", threads: int | None = None) -> int:
+        threshold: float | None = None, batch_size: int = 50, device: str = "cpu", threads: int | None = None) -> int:
     from . import embedded
     from .embedded import task
     from .models import resolve
@@ -145,10 +157,27 @@ def run(short: bool = False, samples: int | None = None, calibration_samples: in
     n_text = n_all - n_vis
     print(f"  tokens per prompt: {n_all:.1f} = {n_vis:.0f} image + {n_text:.1f} text\n")
 
-    print(f"1. calibration of K on {n_cal} samples (vtw.calibrate, threshold {threshold:g}):")
+    default_threshold = threshold is None
+    threshold = EMBEDDED_THRESHOLD if threshold is None else threshold
+    print(f"1. calibration of K on {n_cal} samples (vtw.calibrate, threshold {threshold:g}"
+          + (" (the embedded model's; see EMBEDDED_THRESHOLD in vtw/demo.py))" if default_threshold else ")") + ":")
     cal = calibrate(model, cal_batches, threshold=threshold, progress=False)
     print(cal.table())
     print("  " + cal.cost_line())
+    paper_k = next((k for k in sorted(cal.kl) if cal.kl[k] <= PAPER_THRESHOLD), None)
+    print(f"  with the paper's threshold {PAPER_THRESHOLD:g} (LLaVA-1.5-7B's) the choice would be "
+          + (f"K = {paper_k}" if paper_k is not None else "no layer (nothing withdrawn)"))
+    print(f"\n  every K on the held-out set ({n_test} questions), so the choice can be judged:")
+    print(f"  {'K':>3s}  {'mean KL (calibration)':>21s}  {'held-out accuracy':>17s}")
+    by_k = {}
+    for k in range(L + 1):
+        enable(model, k)
+        try:
+            by_k[k] = answer(model, processor, held_batches, device)["accuracy"]
+        finally:
+            disable(model)
+        kl = f"{cal.kl[k]:.3e}" if k in cal.kl else ("(the full model)" if k == L else "(not a candidate)")
+        print(f"  {k:3d}  {kl:>21s}  {by_k[k]:16.1%}" + ("   <- calibrated K" if k == cal.layer else ""))
     K = cal.layer
     calibrated = K is not None and K < L
     if K is None:
@@ -200,7 +229,7 @@ def run(short: bool = False, samples: int | None = None, calibration_samples: in
               "show that the deep layers can do without the image tokens (its visual information has not moved "
               "into the text tokens before the last layer);")
     uses_image = full - chance >= 0.10
-    near_chance = abs(blind - chance) <= 0.05
+    near_chance = blind <= chance + 0.05  # at chance, or below it (a blind model may answer off-kind words)
     if uses_image and near_chance and calibrated and keeps:
         verdict = ("the answers depend on the picture, yet by layer K its information has moved into the text "
                    "tokens, as the paper observes")
@@ -209,7 +238,7 @@ def run(short: bool = False, samples: int | None = None, calibration_samples: in
     elif uses_image and near_chance:
         verdict = "the answers depend on the picture"
     else:
-        verdict = "not near chance: the question text alone already helps this model"
+        verdict = "above chance: the question text alone already helps this model"
     print(f"  - withdrawing them before the first layer: accuracy {blind:.1%} against chance {chance:.1%}: {verdict}.")
     sp = results["full model"]["seconds"] / results[runs[1][0]]["seconds"]
     print(f"  - measured prefill speedup at K = {K}: {sp:.2f}x on this machine's {device} (the model is tiny, so "

@@ -20,8 +20,13 @@ the only one of its shape / colour / colour and shape), so the question text car
 information about the answer: a model that cannot see the picture is at chance, which is
 :func:`chance` (the mean over samples of 1 / number of possible answers of the sample's kind).
 
-Prompts follow LLaVA-1.5's conversation format, ``"a chat about a picture . USER: <image>\\n
-{question} ASSISTANT:"``, and the answer is the next token.
+The held-out, calibration and balanced training questions are of the kinds in :data:`KINDS`
+(colour and shape: what the embedded model learns to answer within its training budget); the
+other kinds (:data:`ALL_KINDS`) appear as the extra turns of the training conversations.
+
+Prompts follow LLaVA-1.5 word for word, lower-cased: its system prompt, then
+``"USER: <image>\n{question} answer the question using a single word or phrase . ASSISTANT:"``
+(LLaVA-1.5's instruction for short answers), and the answer is the next token.
 """
 
 from __future__ import annotations
@@ -57,12 +62,20 @@ SHAPES = {
 }
 
 NUMBERS = [str(i) for i in range(0, GRID + 1)]  # "0" .. "8"
-KINDS = ("color", "shape", "count", "row", "column")
-SYSTEM = "a chat about a picture ."
+#: every kind of question :func:`sample` can ask
+ALL_KINDS = ("color", "shape", "count", "row", "column")
+#: the kinds of the balanced questions (held-out, calibration, and each training conversation's first turn)
+KINDS = ("color", "shape")
+#: LLaVA-1.5's system prompt, lower-cased, punctuation as separate words
+SYSTEM = ("a chat between a curious human and an artificial intelligence assistant . the assistant gives "
+          "helpful , detailed , and polite answers to the human ' s questions .")
+#: LLaVA-1.5's instruction after a short-answer question, lower-cased
+INSTRUCTION = "answer the question using a single word or phrase ."
 QUESTION_WORDS = ["what", "color", "is", "the", "shape", "object", "how", "many", "objects", "are", "there",
                   "which", "row", "column", "in", "?", "."]
-#: every word a prompt or an answer can contain (the tokenizer's vocabulary after its special tokens)
-WORDS = (["a", "chat", "about", "picture", "USER", ":", "ASSISTANT"] + QUESTION_WORDS
+#: every word a prompt or an answer can contain (the tokenizer's vocabulary after its special tokens);
+#: the tokenizer splits words from punctuation, as ``re.findall(r"\w+|[^\w\s]+", text)`` does
+WORDS = (SYSTEM.split() + ["USER", ":", "ASSISTANT"] + QUESTION_WORDS + INSTRUCTION.split()
          + list(COLORS) + list(SHAPES) + NUMBERS)
 WORDS = list(dict.fromkeys(WORDS))  # unique, in order
 
@@ -86,8 +99,8 @@ class Sample:
 
 
 def prompt(question: str, image_token: str = "<image>") -> str:
-    """The LLaVA-1.5-style prompt around a question (the answer is the next token)."""
-    return f"{SYSTEM} USER: {image_token}\n{question} ASSISTANT:"
+    """The LLaVA-1.5 prompt around a short-answer question (the answer is the next token)."""
+    return f"{SYSTEM} USER: {image_token}\n{question} {INSTRUCTION} ASSISTANT:"
 
 
 def answers(kind: str) -> list[str]:
@@ -126,7 +139,8 @@ def _pick(rng, seq, exclude=()):
 
 
 def sample(rng: np.random.Generator, kind: str | None = None) -> Sample:
-    """One random picture, question and answer (the answer uniform among its kind's answers)."""
+    """One random picture, question and answer (the answer uniform among its kind's answers); the
+    kind is drawn uniformly from :data:`KINDS` unless given (any of :data:`ALL_KINDS`)."""
     colors, shapes = list(COLORS), list(SHAPES)
     kind = KINDS[int(rng.integers(len(KINDS)))] if kind is None else kind
     n = int(rng.integers(2, 5))
@@ -164,7 +178,7 @@ def sample(rng: np.random.Generator, kind: str | None = None) -> Sample:
         question = f"which {kind} is the {color} {shape} in ?"
         answer = str((r if kind == "row" else c) + 1)
     else:
-        raise ValueError(f"vtw.embedded.task.sample: kind must be one of {KINDS}, got {kind!r}")
+        raise ValueError(f"vtw.embedded.task.sample: kind must be one of {ALL_KINDS}, got {kind!r}")
     order = rng.permutation(len(objects))
     objects = [objects[i] for i in order]
     return Sample(render(objects, rng), question, answer, kind, objects)
@@ -204,7 +218,7 @@ def conversation_text(turns: list[tuple[str, str]], image_token: str = "<image>"
     answers in order; the answer of turn t is predicted at the ``:`` of its ``ASSISTANT:``."""
     text = f"{SYSTEM} USER: {image_token}\n"
     for t, (q, a) in enumerate(turns):
-        text += ("" if t == 0 else " USER: ") + f"{q} ASSISTANT: {a} </s>"
+        text += ("" if t == 0 else " USER: ") + f"{q} {INSTRUCTION} ASSISTANT: {a} </s>"
     return text, [a for _, a in turns]
 
 

@@ -10,8 +10,21 @@ threads (``--threads``, default 2; the result of a float32 matrix product can de
 threads share it). The same command on the same torch build gives the same weights, bit for bit;
 the SHA-256 of the weights is printed at the end and written to ``training.json``.
 
-The loss is the cross-entropy of the answer token at the last prompt position, on full pictures
-only (the model never sees withdrawal while training).
+Two stages, as LLaVA's recipe has (a pretrained vision encoder, kept frozen, under a language
+model trained on visual instructions):
+
+1. **vision pretraining** (stands in for CLIP's): the vision tower learns, with a linear head that
+   is then thrown away, the colour and the shape (or "empty") of every patch of a picture
+   (dense labels from the scene generator; 200 steps, seconds);
+2. **visual instruction tuning**: the vision tower is frozen; the projector and the language model
+   learn multi-turn conversations about a picture (the sample's balanced question first, then
+   other questions about the same picture, of every kind), LLaVA-1.5's prompt format. The loss is
+   the cross-entropy of every answer token (at its ``ASSISTANT:`` colon), with label smoothing
+   0.1; AdamW, linear warm-up, cosine decay.
+
+The model never sees withdrawal while training: the language model is trained on full pictures
+only, so what ``vtw.calibrate`` and the demo find about its deep layers is the trained model's
+own behaviour.
 """
 
 from __future__ import annotations
@@ -96,7 +109,7 @@ class Encoder:
 @torch.no_grad()
 def evaluate(model, encoder: Encoder, samples, batch_size: int = 128) -> dict:
     """Accuracy of the next-token argmax, overall and per question kind."""
-    hits = {k: [0, 0] for k in task.KINDS}
+    hits = {k: [0, 0] for k in dict.fromkeys(task.KINDS + tuple(s.kind for s in samples))}
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         logits = model(**encoder(chunk), logits_to_keep=1).logits[:, -1]
@@ -117,9 +130,50 @@ def weights_sha256(model) -> str:
     return h.hexdigest()
 
 
-def train(*, steps: int = 1200, batch_size: int = 32, lr: float = 3e-3, warmup: int = 50, seed: int = 0,
-          threads: int = 1, turns: int = 4, log_every: int = 100, eval_samples: int = 1000, out=None,
-          quiet: bool = False):
+def pretrain_vision(model, *, steps: int, batch_size: int, lr: float, rng, say=lambda *a: None) -> dict:
+    """Stage 1: trains the vision tower to tell, from its output at each patch (the features
+    LLaVA's projector reads), the colour and the shape of the object in that cell, or that the
+    cell is empty. A linear head serves the loss and is discarded. Returns the final accuracies
+    over the patches that hold an object."""
+    tower = model.model.vision_tower
+    colors, shapes = list(task.COLORS), list(task.SHAPES)
+    nc, ns = len(colors) + 1, len(shapes) + 1  # + "empty"
+    head = torch.nn.Linear(tower.config.hidden_size, nc + ns)
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=lr)
+    encoder = Encoder()
+    tower.train()
+    acc = {}
+    for step in range(steps):
+        samples = [task.sample(rng) for _ in range(batch_size)]
+        feats = tower(encoder(samples)["pixel_values"], output_hidden_states=True).hidden_states[-1][:, 1:]
+        want_c = torch.full(feats.shape[:2], nc - 1)
+        want_s = torch.full(feats.shape[:2], ns - 1)
+        for b, s in enumerate(samples):
+            for r, c, color, shape in s.objects:
+                want_c[b, r * task.GRID + c] = colors.index(color)
+                want_s[b, r * task.GRID + c] = shapes.index(shape)
+        logits = head(feats)
+        loss = (torch.nn.functional.cross_entropy(logits[..., :nc].flatten(0, 1), want_c.flatten())
+                + torch.nn.functional.cross_entropy(logits[..., nc:].flatten(0, 1), want_s.flatten()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step + 1 == steps:
+            obj = want_c < nc - 1
+            acc = {"loss": round(loss.item(), 5),
+                   "color_accuracy": (logits[..., :nc].argmax(-1) == want_c)[obj].float().mean().item(),
+                   "shape_accuracy": (logits[..., nc:].argmax(-1) == want_s)[obj].float().mean().item(),
+                   "empty_accuracy": (logits[..., :nc].argmax(-1) == want_c)[~obj].float().mean().item()}
+    say(f"  vision pretraining: {steps} steps; last batch: loss {acc.get('loss', float('nan')):.4f}, colour "
+        f"{acc.get('color_accuracy', 0):.3f}, shape {acc.get('shape_accuracy', 0):.3f} of the object patches")
+    tower.requires_grad_(False)  # frozen from here on, as LLaVA keeps CLIP frozen
+    tower.eval()
+    return acc
+
+
+def train(*, steps: int = 1200, batch_size: int = 32, lr: float = 1e-3, warmup: int = 50, seed: int = 0,
+          threads: int = 2, turns: int = 4, log_every: int = 100, eval_samples: int = 1000, out=None,
+          quiet: bool = False, vision_steps: int = 200, vision_lr: float = 3e-3, label_smoothing: float = 0.1):
     """Trains and returns (model, summary dict); saves model + processor to `out` when given.
     Sets torch's thread count and deterministic mode while it runs, and restores them after."""
     prev = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
@@ -127,19 +181,28 @@ def train(*, steps: int = 1200, batch_size: int = 32, lr: float = 3e-3, warmup: 
     torch.use_deterministic_algorithms(True)
     try:
         return _train(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, threads=threads,
-                      turns=turns, log_every=log_every, eval_samples=eval_samples, out=out, quiet=quiet)
+                      turns=turns, log_every=log_every, eval_samples=eval_samples, out=out, quiet=quiet,
+                      vision_steps=vision_steps, vision_lr=vision_lr, label_smoothing=label_smoothing)
     finally:
         torch.set_num_threads(prev[0])
         torch.use_deterministic_algorithms(prev[1])
 
 
-def _train(*, steps, batch_size, lr, warmup, seed, threads, turns, log_every, eval_samples, out, quiet):
+def _train(*, steps, batch_size, lr, warmup, seed, threads, turns, log_every, eval_samples, out, quiet,
+           vision_steps, vision_lr, label_smoothing):
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     model = build.model(seed=seed)
     model.set_attn_implementation("sdpa")
     encoder = Encoder()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    say(f"training the embedded model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{threads} thread(s)")
+    vision = pretrain_vision(model, steps=vision_steps, batch_size=batch_size, lr=vision_lr,
+                             rng=np.random.default_rng([task.TRAIN_SEED, seed, 1]), say=say)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98))
 
@@ -151,18 +214,17 @@ def _train(*, steps, batch_size, lr, warmup, seed, threads, turns, log_every, ev
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     rng = np.random.default_rng([task.TRAIN_SEED, seed])
-    say(f"training the embedded model: {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{steps} steps of {batch_size} pictures x {turns} questions, {threads} thread(s)")
+    say(f"  visual instruction tuning: {sum(p.numel() for _, p in trainable):,} trainable parameters (vision tower "
+        f"frozen), {steps} steps of {batch_size} pictures x {turns} questions")
     model.train()
-    t0 = time.perf_counter()
-    c0 = time.process_time()
+    model.model.vision_tower.eval()
     run_loss, run_acc, n = 0.0, 0.0, 0
     for step in range(steps):
         samples = [task.sample(rng) for _ in range(batch_size)]
         inputs, positions, target = encoder.conversations(samples, turns, rng)
         hidden = model.model(**inputs).last_hidden_state
         logits = model.lm_head(hidden[positions[:, 0], positions[:, 1]])
-        loss = torch.nn.functional.cross_entropy(logits, target)
+        loss = torch.nn.functional.cross_entropy(logits, target, label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -183,7 +245,8 @@ def _train(*, steps, batch_size, lr, warmup, seed, threads, turns, log_every, ev
     say("held-out accuracy: " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items())
         + f"  (chance {task.chance(held):.3f})")
     summary = {"steps": steps, "batch_size": batch_size, "turns": turns, "lr": lr, "warmup": warmup, "seed": seed,
-               "threads": threads, "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu, 1),
+               "label_smoothing": label_smoothing, "vision_steps": vision_steps, "vision_lr": vision_lr,
+               "vision_pretraining": vision, "threads": threads, "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu, 1),
                "torch": torch.__version__, "transformers": transformers.__version__,
                "held_out": {"samples": eval_samples, "seed": task.HELD_OUT_SEED, **acc},
                "weights_sha256": weights_sha256(model)}
@@ -207,20 +270,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vtw.embedded.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (default 1200)")
+    p.add_argument("--steps", type=int, default=1200, help="visual instruction tuning steps (default 1200)")
+    p.add_argument("--vision-steps", type=int, default=200, help="vision pretraining steps (default 200)")
     p.add_argument("--batch-size", type=int, default=32, help="pictures per step (default 32)")
     p.add_argument("--turns", type=int, default=4, help="questions per picture, as a multi-turn conversation (default 4)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and data stream (default 0)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1; part of what fixes the result)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2; part of what fixes the result)")
     p.add_argument("--eval-samples", type=int, default=1000, help="held-out samples to report (default 1000)")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "threads", "eval_samples", "turns"):
+    for name in ("steps", "vision_steps", "batch_size", "threads", "eval_samples", "turns"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
-          turns=args.turns, eval_samples=args.eval_samples, out=args.out)
+          turns=args.turns, eval_samples=args.eval_samples, out=args.out, vision_steps=args.vision_steps)
     return 0
 
 
