@@ -128,18 +128,25 @@ def _prefill(benchmark, models, preset, device, batch, K, mode):
         benchmark.extra_info["TFLOP/s"] = round(work / median / 1e12, 5)
         benchmark.extra_info["median_ms"] = round(median * 1e3, 3)
         if k is not None:
-            full_s, cut_s = _paired(lambda: timed(None), lambda: timed(K), 3)
-            sp = statistics.median(f / c for f, c in zip(full_s, cut_s))
+            full_s, cut_s, sp = _record_paired(benchmark, timed, K)
             idl = bench.ideal(p, n_all, n_text, K)
-            benchmark.extra_info["paired"] = {
-                "vs": "full", "ratio": round(statistics.median(cut_s) / statistics.median(full_s), 3),
-                "min_ratio": round(min(cut_s) / min(full_s), 3), "rounds": len(cut_s)}
             benchmark.extra_info["note"] = (
                 f"speedup full / withdrawn, paired: {sp:.2f}x; ideal {idl['decoder']:.2f}x (VTW.md decoder "
                 f"FLOPs), {idl['end_to_end']:.2f}x (end to end); measured / ideal {sp / idl['decoder']:.2f}, "
                 f"{sp / idl['end_to_end']:.2f}")
     finally:
         bench.disable(model)
+
+
+
+def _record_paired(benchmark, timed, K, rounds: int = 3):
+    """Alternating full / withdrawn calls (`timed(None)`, `timed(K)`): records the paired ratio in
+    ``extra_info["paired"]``; returns (full times, withdrawn times, median speedup of the pairs)."""
+    full_s, cut_s = _paired(lambda: timed(None), lambda: timed(K), rounds)
+    benchmark.extra_info["paired"] = {
+        "vs": "full", "ratio": round(statistics.median(cut_s) / statistics.median(full_s), 3),
+        "min_ratio": round(min(cut_s) / min(full_s), 3), "rounds": len(cut_s)}
+    return full_s, cut_s, statistics.median(f / c for f, c in zip(full_s, cut_s))
 
 
 def _decode(benchmark, models, preset, device, batch, K, mode, memcpy_ceiling=None):
@@ -182,12 +189,8 @@ def _decode(benchmark, models, preset, device, batch, K, mode, memcpy_ceiling=No
         if memcpy_ceiling:
             benchmark.extra_info["pct_of_memcpy"] = round(100 * gbs / memcpy_ceiling, 1)
         if k is not None:
-            full_s, cut_s = _paired(lambda: timed(None), lambda: timed(K), 3)
-            sp = statistics.median(f / c for f, c in zip(full_s, cut_s))
+            full_s, cut_s, sp = _record_paired(benchmark, timed, K)
             ideal = bench.decode_ideal(p, batch, n_all, n_text, K, new, weights, elt)["speedup"]
-            benchmark.extra_info["paired"] = {
-                "vs": "full", "ratio": round(statistics.median(cut_s) / statistics.median(full_s), 3),
-                "min_ratio": round(min(cut_s) / min(full_s), 3), "rounds": len(cut_s)}
             benchmark.extra_info["note"] = (
                 f"tokens/s withdrawn / full, paired: {sp:.2f}x; bytes-model ideal {ideal:.2f}x "
                 f"({batch * new / statistics.median(full_s):.1f} -> {batch * new / statistics.median(cut_s):.1f} "
