@@ -30,17 +30,13 @@ import pytest
 import torch
 
 from vtw import bench
+from vtw.costs import sync
 
 CPU_PRESET, CPU_BATCH = "small", 2
 GPU_PRESET = "llava-1.5-7b"
 NEW_TOKENS = {"cpu": 16, "cuda": 32}
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +70,16 @@ def _timed_rounds(benchmark, fn, device, setup=None, budget_s=None):
 
     budget = float(os.environ.get("VTW_BENCH_BUDGET_S", "0.4")) if budget_s is None else budget_s
     args = setup() if setup else ()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn(*args)
-    _sync(device)
+    sync(device)
     first = time.perf_counter() - t0
     rounds = int(min(50, max(3, budget / max(first, 1e-6))))
 
     def call(*a):
         fn(*a)
-        _sync(device)
+        sync(device)
 
     if setup:
         benchmark.pedantic(call, setup=lambda: (setup(), {}), rounds=rounds, iterations=1, warmup_rounds=0)
@@ -112,10 +108,10 @@ def _prefill(benchmark, models, preset, device, batch, K, mode):
 
     def timed(mode_k):
         bench._set_mode(model, mode_k)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         run()
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0
 
     benchmark.group = f"e2e prefill {p.name} B={batch} K={K} {device} {str(dtype).replace('torch.', '')}"
@@ -161,7 +157,7 @@ def _decode(benchmark, models, preset, device, batch, K, mode, memcpy_ceiling=No
 
     def setup():
         cache, tok = bench._prefill(model, inputs, p.image_token_id)
-        _sync(device)
+        sync(device)
         return cache, tok
 
     def steps(cache, tok):
@@ -172,7 +168,7 @@ def _decode(benchmark, models, preset, device, batch, K, mode, memcpy_ceiling=No
         args = setup()
         t0 = time.perf_counter()
         steps(*args)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0
 
     benchmark.group = f"e2e decode {p.name} B={batch} K={K} {new} tokens {device} {str(dtype).replace('torch.', '')}"

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from .demo import prefill_flops  # VTW.md: per layer 4nd^2 + 2n^2d + 3ndm
+from .costs import fmt_bytes, kv_bytes, prefill_flops, sync  # prefill_flops: VTW.md's formula
 from .enable import disable, enable
 
 __all__ = ["PRESETS", "Preset", "build_model", "make_inputs", "decoder_flops", "vision_flops", "head_flops",
@@ -221,25 +221,8 @@ def decode_ideal(p: Preset, batch: int, n_all: int, n_text: int, k: int | None, 
     return {"bytes_full": full, "bytes_withdrawn": cut, "speedup": full / cut}
 
 
-def kv_bytes(cache) -> list[int]:
-    """Bytes of each layer's key and value tensors in `cache` (a transformers Cache)."""
-    out = []
-    for lay in getattr(cache, "layers", []):
-        b = 0
-        for t in (getattr(lay, "keys", None), getattr(lay, "values", None)):
-            if isinstance(t, torch.Tensor):
-                b += t.numel() * t.element_size()
-        out.append(b)
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Measurement
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _set_mode(model, k: int | None) -> None:
@@ -296,24 +279,24 @@ def measure(model, p: Preset, inputs: dict, ks: list, *, repeats: int, new_token
             if new_tokens:
                 _decode(model, cache, tok, inputs["attention_mask"], min(new_tokens, 2), p.image_token_id)
             del cache, tok
-    _sync(dev)
+    sync(dev)
     for order in _rotations(list(ks), repeats):
         for k in order:
             _set_mode(model, k)
             if dev.type == "cuda":
                 base = torch.cuda.memory_allocated(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             cache, tok = _prefill(model, inputs, p.image_token_id)
-            _sync(dev)
+            sync(dev)
             t1 = time.perf_counter()
             r = res[k]
             r["prefill_s"].append(t1 - t0)
             r["kv_prefill"] = kv_bytes(cache)
             if new_tokens:
                 _decode(model, cache, tok, inputs["attention_mask"], new_tokens, p.image_token_id)
-                _sync(dev)
+                sync(dev)
                 r["decode_s"].append(time.perf_counter() - t1)
             r["kv_end"] = kv_bytes(cache)
             if dev.type == "cuda":
@@ -494,14 +477,6 @@ def summarise(p: Preset, batch: int, K: int, n_all: int, n_text: int, new_tokens
     return row
 
 
-def _fmt_bytes(b: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(b) < 1024 or unit == "GiB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
-        b /= 1024
-    return f"{b:.1f} GiB"
-
-
 def _fmt_s(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.2f} s"
 
@@ -537,13 +512,13 @@ def format_rows(rows: list[dict], new_tokens: int) -> str:
         if "skipped" in r:
             continue
         kv = r["kv"]
-        line = (f"{r['batch']:>5}  {r['K']:>3}  {_fmt_bytes(kv['full']['total']):>13}  "
-                f"{_fmt_bytes(kv['withdrawn']['total']):>10}  {kv.get('total_cut', 0):5.0%}  "
-                f"{_fmt_bytes(kv['full']['deep']):>16}  {_fmt_bytes(kv['withdrawn']['deep']):>10}  "
+        line = (f"{r['batch']:>5}  {r['K']:>3}  {fmt_bytes(kv['full']['total']):>13}  "
+                f"{fmt_bytes(kv['withdrawn']['total']):>10}  {kv.get('total_cut', 0):5.0%}  "
+                f"{fmt_bytes(kv['full']['deep']):>16}  {fmt_bytes(kv['withdrawn']['deep']):>10}  "
                 f"{kv.get('deep_cut', 0):5.0%}  {kv['visual_fraction_deep']:12.0%}")
         if "cuda_peak_extra_bytes" in kv["full"]:
-            line += (f"  {_fmt_bytes(kv['full']['cuda_peak_extra_bytes'])} / "
-                     f"{_fmt_bytes(kv['withdrawn']['cuda_peak_extra_bytes'])}")
+            line += (f"  {fmt_bytes(kv['full']['cuda_peak_extra_bytes'])} / "
+                     f"{fmt_bytes(kv['withdrawn']['cuda_peak_extra_bytes'])}")
         out.append(line)
     return "\n".join(out)
 
@@ -577,8 +552,8 @@ def _run(cfg: BenchConfig, p: Preset, dev: torch.device, dtype: torch.dtype, K: 
     avail = _available_bytes(dev)
     weights_need = sum(param_count(p).values()) * elt
     if avail is not None and weights_need > avail:
-        raise BenchError(f"preset {p.name} needs about {_fmt_bytes(weights_need)} for its weights in "
-                         f"{str(dtype).replace('torch.', '')}, but {dev} has {_fmt_bytes(avail)} free")
+        raise BenchError(f"preset {p.name} needs about {fmt_bytes(weights_need)} for its weights in "
+                         f"{str(dtype).replace('torch.', '')}, but {dev} has {fmt_bytes(avail)} free")
     idl = ideal(p, n_all, n_text, K)
     print_fn(f"vtw bench: preset {p.name} ({p.about})")
     print_fn(f"  decoder {p.layers} layers, hidden {p.hidden}, MLP {p.intermediate}, {p.heads} heads; vision tower "
@@ -608,8 +583,8 @@ def _run(cfg: BenchConfig, p: Preset, dev: torch.device, dtype: torch.dtype, K: 
         need_b = estimate_bytes(p, B, n_all, cfg.new_tokens, elt) - weights_need  # the weights are in place
         free = _available_bytes(dev)
         if free is not None and need_b > free:
-            rows.append({"batch": B, "K": K, "skipped": f"needs about {_fmt_bytes(need_b)} beyond the weights, "
-                                                        f"{_fmt_bytes(free)} free"})
+            rows.append({"batch": B, "K": K, "skipped": f"needs about {fmt_bytes(need_b)} beyond the weights, "
+                                                        f"{fmt_bytes(free)} free"})
             print_fn(f"  batch {B}: skipped ({rows[-1]['skipped']})")
             continue
         inputs = make_inputs(p, B, cfg.system_tokens, cfg.text_tokens, dev, dtype, cfg.seed + B)

@@ -21,27 +21,8 @@ import torch
 import vtw_kernels
 
 from .calibrate import calibrate
+from .costs import fmt_bytes, kv_bytes, prefill_flops, sync
 from .enable import disable, enable
-
-
-def layer_flops(n: float, d: int, m: int) -> float:
-    """Prefill FLOPs of one decoder layer on n tokens (VTW.md): 4nd^2 + 2n^2d + 3ndm."""
-    return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
-
-
-def prefill_flops(n_all: float, n_text: float, d: int, m: int, num_layers: int, k: int | None) -> float:
-    """Decoder FLOPs of a prefill with withdrawal at layer k (None: no withdrawal)."""
-    k = num_layers if k is None else k
-    return k * layer_flops(n_all, d, m) + (num_layers - k) * layer_flops(n_text, d, m)
-
-
-def _cache_bytes(cache) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
 
 
 def _encode(processor, samples, batch_size):
@@ -56,11 +37,6 @@ def _encode(processor, samples, batch_size):
     return batches
 
 
-def _sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def answer(model, processor, batches, device) -> dict:
     """Prefills every batch and reads the answer (argmax) at the last position; also sums the
@@ -71,7 +47,7 @@ def answer(model, processor, batches, device) -> dict:
         inputs = {k: v.to(device) for k, v in enc.items()}
         out = model(**inputs, use_cache=True, logits_to_keep=1)
         cache = getattr(out, "cache", None)
-        cache_bytes += _cache_bytes(cache if cache is not None else out.past_key_values)
+        cache_bytes += sum(kv_bytes(cache if cache is not None else out.past_key_values))
         pred = tok.convert_ids_to_tokens(out.logits[:, -1].argmax(-1).tolist())
         for s, p in zip(chunk, pred):
             ok = p == s.answer
@@ -91,20 +67,12 @@ def prefill_seconds(model, enc, device, repeats: int) -> float:
     model(**inputs, use_cache=True, logits_to_keep=1)
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         model(**inputs, use_cache=True, logits_to_keep=1)
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
-
-
-def _fmt_bytes(b: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if b < 1024 or unit == "GiB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
-        b /= 1024
-    return f"{b:.1f} GiB"
 
 
 #: The KL threshold the demo calibrates the embedded model with. The paper's thresholds belong to
@@ -169,15 +137,16 @@ def run(short: bool = False, samples: int | None = None, calibration_samples: in
           + (f"K = {paper_k}" if paper_k is not None else "no layer (nothing withdrawn)"))
     print(f"\n  every K on the held-out set ({n_test} questions), so the choice can be judged:")
     print(f"  {'K':>3s}  {'mean KL (calibration)':>21s}  {'held-out accuracy':>17s}")
-    by_k = {}
+    by_k = {}  # K -> answer(); K = L is the unmodified model
     for k in range(L + 1):
-        enable(model, k)
+        if k < L:
+            enable(model, k)
         try:
-            by_k[k] = answer(model, processor, held_batches, device)["accuracy"]
+            by_k[k] = answer(model, processor, held_batches, device)
         finally:
             disable(model)
         kl = f"{cal.kl[k]:.3e}" if k in cal.kl else ("(the full model)" if k == L else "(not a candidate)")
-        print(f"  {k:3d}  {kl:>21s}  {by_k[k]:16.1%}" + ("   <- calibrated K" if k == cal.layer else ""))
+        print(f"  {k:3d}  {kl:>21s}  {by_k[k]['accuracy']:16.1%}" + ("   <- calibrated K" if k == cal.layer else ""))
     K = cal.layer
     calibrated = K is not None and K < L
     if K is None:
@@ -189,12 +158,10 @@ def run(short: bool = False, samples: int | None = None, calibration_samples: in
     runs = [("full model", None), (f"withdrawal at K = {K}", K), ("image withdrawn before layer 1 (K = 0)", 0)]
     results = {}
     for name, k in runs:
-        if k is None:
-            disable(model)
-        else:
+        results[name] = dict(by_k[L if k is None else k])  # accuracy and KV bytes: measured above
+        if k is not None:
             enable(model, k)
         try:
-            results[name] = answer(model, processor, held_batches, device)
             results[name]["seconds"] = prefill_seconds(model, held_batches[0][1], device, repeats)
         finally:
             disable(model)
@@ -207,7 +174,7 @@ def run(short: bool = False, samples: int | None = None, calibration_samples: in
     for name, k in runs:
         r = results[name]
         fl = prefill_flops(n_all, n_text, d, m, L, k)
-        print(f"  {name:40s} {r['accuracy']:8.1%}  {r['seconds'] * 1e3:7.1f} ms  {_fmt_bytes(r['cache_bytes']):>10s}  "
+        print(f"  {name:40s} {r['accuracy']:8.1%}  {r['seconds'] * 1e3:7.1f} ms  {fmt_bytes(r['cache_bytes']):>10s}  "
               f"{fl / 1e6:10.1f} M  {1 - fl / full_flops:9.1%}  {full_flops / fl:12.2f}x")
     kinds = sorted(results["full model"]["kinds"])
     print("  accuracy by question kind: " + "; ".join(

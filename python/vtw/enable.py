@@ -397,24 +397,19 @@ def _gather_seq(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx)
 
 
-_OP_SERVES: dict = {}
-
-
-def _op_serves(device: torch.device) -> bool:
+@functools.cache
+def _op_serves(device_type: str) -> bool:
     """Whether ``torch.ops.vtw.withdraw`` has a kernel for this device type (the C++ CPU or CUDA
     kernel, or Triton on the CUDA key); cached, since the wrapper's backend look-up costs more
     than a decode step's copy."""
-    v = _OP_SERVES.get(device.type)
-    if v is None:
-        from vtw_kernels import _ext
+    from vtw_kernels import _ext
 
-        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-        v = _OP_SERVES[device.type] = bool(key) and _ext.has_kernel("withdraw", key)
-    return v
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and _ext.has_kernel("withdraw", key)
 
 
 def _withdraw(hidden, mask, num_keep):
-    if (torch.compiler.is_compiling() and vtw_kernels.HAS_C) or _op_serves(hidden.device):
+    if (torch.compiler.is_compiling() and vtw_kernels.HAS_C) or _op_serves(hidden.device.type):
         # The operator itself checks its arguments (and dispatches by device); the Python
         # wrapper would add its own checks and backend choice, ~0.1 ms per call.
         return torch.ops.vtw.withdraw(hidden, mask, num_keep, False)

@@ -130,7 +130,8 @@ def weights_sha256(model) -> str:
     return h.hexdigest()
 
 
-def pretrain_vision(model, *, steps: int, batch_size: int, lr: float, rng, say=lambda *a: None) -> dict:
+def pretrain_vision(model, encoder: Encoder, *, steps: int, batch_size: int, lr: float, rng,
+                    say=lambda *a: None) -> dict:
     """Stage 1: trains the vision tower to tell, from its output at each patch (the features
     LLaVA's projector reads), the colour and the shape of the object in that cell, or that the
     cell is empty. A linear head serves the loss and is discarded. Returns the final accuracies
@@ -140,7 +141,6 @@ def pretrain_vision(model, *, steps: int, batch_size: int, lr: float, rng, say=l
     nc, ns = len(colors) + 1, len(shapes) + 1  # + "empty"
     head = torch.nn.Linear(tower.config.hidden_size, nc + ns)
     opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=lr)
-    encoder = Encoder()
     tower.train()
     acc = {}
     for step in range(steps):
@@ -198,7 +198,7 @@ def _train(*, steps, batch_size, lr, warmup, seed, threads, turns, log_every, ev
     c0 = time.process_time()
     say(f"training the embedded model: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{threads} thread(s)")
-    vision = pretrain_vision(model, steps=vision_steps, batch_size=batch_size, lr=vision_lr,
+    vision = pretrain_vision(model, encoder, steps=vision_steps, batch_size=batch_size, lr=vision_lr,
                              rng=np.random.default_rng([task.TRAIN_SEED, seed, 1]), say=say)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
