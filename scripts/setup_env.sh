@@ -3,7 +3,11 @@
 # needs and builds the package in editable mode. Safe to run again: it reuses what is there and
 # the build is incremental. Source it or run it; other scripts call it.
 #
-#   VTW_PYTHON=python3.11     interpreter for a new venv (default: python3)
+#   VTW_ENV=main|gpu-image|vllm   the version set (scripts/envs/NAME.sh; default main). One tree
+#                             holds one set (the compiled _C.so lives in the tree): to test
+#                             another set use `bash scripts/matrix.sh NAME`, which runs the test
+#                             command in a copy of the tree under .matrix/NAME.
+#   VTW_PYTHON=python3.11     interpreter for a new venv (default: the set's)
 #   VTW_BUILD_CUDA=0|1        force a CPU-only build (0) or require CUDA (1); default: CUDA
 #                             kernels compile when nvcc and a CUDA build of torch are present
 #   TORCH_CUDA_ARCH_LIST      GPU architectures to compile (default here: the local GPU's, or
@@ -12,21 +16,61 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-if [ ! -x .venv/bin/python ]; then
-  "${VTW_PYTHON:-python3}" -m venv .venv
+env_name="${VTW_ENV:-main}"
+env_file="scripts/envs/${env_name}.sh"
+if [ ! -f "$env_file" ]; then
+  echo "[setup_env] VTW_ENV=$env_name: no $env_file (sets: $(ls scripts/envs | sed 's/\.sh$//' | tr '\n' ' '))" >&2
+  exit 2
+fi
+VTW_ENV_PYTHON="" VTW_ENV_TORCH="" VTW_ENV_PACKAGES="" VTW_ENV_INDEX_ARGS=""
+# shellcheck disable=SC1090
+source "$env_file"
+if [ -z "$VTW_ENV_PYTHON" ] || ! "$VTW_ENV_PYTHON" -c 'pass' 2>/dev/null; then
+  echo "[setup_env] VTW_ENV=$env_name: no Python interpreter for this set (got '$VTW_ENV_PYTHON'; set VTW_PYTHON)" >&2
+  exit 2
+fi
+
+if [ -x .venv/bin/python ]; then
+  have="$(cat .venv/vtw-env 2>/dev/null || echo main)"
+  if [ "$have" != "$env_name" ]; then
+    echo "[setup_env] .venv holds the '$have' set, not '$env_name': run 'bash scripts/matrix.sh $env_name' (a copy of the tree), or remove .venv" >&2
+    exit 2
+  fi
+else
+  "$VTW_ENV_PYTHON" -m venv .venv
+  echo "$env_name" > .venv/vtw-env
 fi
 # shellcheck disable=SC1091
 source .venv/bin/activate
 
 python -m pip install -q --upgrade pip
-# torch first (the CUDA 13 build; it compiles CUDA code without a GPU), then the build tools,
-# then vtw itself without build isolation so it compiles against this very torch.
-python -m pip install -q "torch==2.14.1" ninja pybind11 "setuptools>=64" wheel numpy
-python -m pip install -q triton transformers pytest pytest-benchmark hypothesis tqdm pillow
+# torch first (on main and gpu-image the CUDA 13 build: it compiles CUDA code without a GPU),
+# then the build tools, then vtw itself without build isolation so it compiles against this
+# very torch. The set's pins are repeated with the test tools so pip never moves torch.
+# shellcheck disable=SC2086
+python -m pip install -q $VTW_ENV_INDEX_ARGS "$VTW_ENV_TORCH" ninja pybind11 "setuptools>=64" wheel numpy
+# shellcheck disable=SC2086
+python -m pip install -q $VTW_ENV_INDEX_ARGS "$VTW_ENV_TORCH" $VTW_ENV_PACKAGES \
+  pytest pytest-benchmark hypothesis tqdm pillow
 
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 || true)
   export TORCH_CUDA_ARCH_LIST="${cap:-9.0}"
 fi
-python -m pip install -q --no-build-isolation -e . 2>&1 | grep -v "^\s*$" | grep -E "error|Error|vtw setup" || true
-python -c "import vtw_kernels, vtw; print('[setup_env]', vtw_kernels.build_hint())"
+mkdir -p build
+if ! python -m pip install --no-build-isolation --no-deps -e . > build/setup_env-pip.log 2>&1; then
+  tail -n 60 build/setup_env-pip.log >&2
+  echo "[setup_env] building vtw failed (whole log: build/setup_env-pip.log)" >&2
+  exit 1
+fi
+grep -E "\[vtw setup\]" build/setup_env-pip.log || true
+python - <<'PY'
+import sys, torch, vtw_kernels, vtw
+try:
+    import triton; tv = triton.__version__
+except ImportError:
+    tv = "not installed"
+import transformers
+print(f"[setup_env] Python {sys.version.split()[0]}, torch {torch.__version__}, "
+      f"transformers {transformers.__version__}, triton {tv}; {vtw_kernels.build_hint()}")
+PY
