@@ -4,10 +4,17 @@ The KL values are checked against an independent computation written here: the p
 algorithm run sample by sample, unpadded and without any cache, by calling the decoder layers
 through their class (``ref_last_logits`` of test_enable_support: it never goes through vtw),
 with the KL computed in float64. A second check uses whole-model forwards under ``vtw.enable``
-(the reference way of the paper's code: one full forward per candidate K)."""
+(the reference way of the paper's code: one full forward per candidate K).
+
+The answer criterion (``answer_tokens=N``) is checked the same way: the test answers each sample
+greedily itself (cache-free, unpadded, one whole recomputation per token, ending after EOS), then
+scores every answer position by teacher forcing, all through ``ref_last_logits``; the FLOPs saved
+come from VTW.md's formula written out here."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 
@@ -15,7 +22,7 @@ import pytest
 import torch
 
 import vtw
-from test_enable_support import batch_inputs, llava_case, prepare, ref_last_logits
+from test_enable_support import _extend, batch_inputs, llava_case, prepare, qwen2_vl_case, ref_last_logits
 from vtw.calibrate import Calibration, calibrate
 
 L = 4
@@ -220,3 +227,267 @@ def test_table_marks_the_layer():
     lines = cal.table().splitlines()
     assert lines[2].rstrip().endswith("<- K") and "<- K" not in lines[1]
     assert "K = 1" in lines[-1]
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The answer criterion (answer_tokens = N) and the FLOPs saved
+
+N = 5  # answer tokens
+
+
+def ref_answer(case, prep, n: int) -> list[int]:
+    """The full model's greedy answer to one sample, by the independent reference: the whole
+    sequence recomputed at every token, the visual placeholder ids never chosen, the answer ending
+    after EOS or at n tokens."""
+    eos = case.model.config.text_config.eos_token_id
+    toks = []
+    while len(toks) < n:
+        logits = ref_last_logits(case, L, _extend(case, prep, toks)).clone()
+        logits[list(case.visual_ids)] = float("-inf")
+        toks.append(int(logits.argmax()))
+        if toks[-1] == eos:
+            break
+    return toks
+
+
+def ref_answer_kl(case, prep, answer: list[int], K: int) -> float:
+    """One sample's score at K: the mean over the positions predicting the answer (teacher-forced
+    on it) of KL(P_withdrawn(K) || P_full)."""
+    kls = []
+    for t in range(len(answer)):
+        seq = _extend(case, prep, answer[:t])
+        kls.append(_kl64(ref_last_logits(case, K, seq), ref_last_logits(case, L, seq)))
+    return sum(kls) / len(kls)
+
+
+def _reference(case, n):
+    answers = [ref_answer(case, p, n) for p in case.preps]
+    kl = {K: [ref_answer_kl(case, p, a, K) for p, a in zip(case.preps, answers)] for K in range(L + 1)}
+    return answers, kl
+
+
+@pytest.fixture(scope="module")
+def eos_case(case):
+    """The random model with EOS made likely: EOS's output row is the row of the token the full
+    model answers sample 0 with first, scaled by 1.2, so EOS now wins where that token won (and
+    elsewhere only by chance). Its answers end at different lengths, some after one token."""
+    first = ref_answer(case, case.preps[0], 1)[0]
+    model = copy.deepcopy(case.model)
+    eos = model.config.text_config.eos_token_id
+    with torch.no_grad():
+        model.lm_head.weight[eos] = 1.2 * model.lm_head.weight[first]
+    c = dataclasses.replace(case, model=model)
+    c.preps = [prepare(c, s) for s in c.samples]
+    c.answers, c.ref_kl = _reference(c, N)
+    return c
+
+
+@pytest.fixture(scope="module")
+def qwen_case():
+    c = qwen2_vl_case("sdpa", layers=L)
+    c.preps = [prepare(c, s) for s in c.samples]
+    c.answers, c.ref_kl = _reference(c, N)
+    return c
+
+
+def test_answer_reference_is_not_vacuous(eos_case, ref_kl):
+    eos = eos_case.model.config.text_config.eos_token_id
+    lens = [len(a) for a in eos_case.answers]
+    # answers of different lengths in one batch: one of a single token (EOS at once), one that
+    # ends early after some words, and one that runs to N without EOS
+    assert 1 in lens and N in lens and any(1 < n < N for n in lens), eos_case.answers
+    for a in eos_case.answers:
+        assert (a[-1] == eos) == (len(a) < N) and eos not in a[:-1], a
+    # the answer's later positions change the score: it differs from the first-token criterion
+    # (on the unmodified model, ref_kl) on the multi-token answers
+    multi = [b for b, n in enumerate(lens) if n > 1 and b != 2]  # sample 2 has no image: KL 0 everywhere
+    assert multi and all(abs(eos_case.ref_kl[0][b] - ref_kl[0][b]) > 1e-3 for b in multi)
+    assert all(abs(v) < 1e-9 for v in eos_case.ref_kl[L]) and abs(eos_case.ref_kl[0][2]) < 1e-9
+
+
+@pytest.mark.parametrize("padding", ["left", "right", "split"])
+def test_answer_kl_matches_independent_reference(eos_case, padding):
+    c = eos_case
+    if padding == "left":
+        batches = [batch_inputs(c)]
+    elif padding == "right":  # packed to the left again before answering
+        batches = [right_padded(c, c.samples)]
+    else:  # a batch of one-token answers only, then a right-padded one of a full and an early-ending answer
+        assert [len(a) for a in c.answers[:2]] == [1, 1] and len(set(map(len, c.answers[2:]))) == 2
+        batches = [batch_inputs(c, c.samples[:2]), right_padded(c, c.samples[2:])]
+    cal = calibrate(c.model, batches, answer_tokens=N, progress=False)
+    assert sorted(cal.kl) == list(range(L)) and cal.num_samples == len(c.samples)
+    assert cal.answer_tokens == N
+    assert math.isclose(cal.mean_answer_length, sum(map(len, c.answers)) / len(c.answers))
+    for K in range(L):
+        expect = sum(c.ref_kl[K]) / len(c.ref_kl[K])  # the mean over samples of each sample's mean
+        assert math.isclose(cal.kl[K], expect, rel_tol=1e-4, abs_tol=1e-6), (K, cal.kl[K], expect)
+
+
+def test_answer_kl_matches_reference_mrope(qwen_case):
+    # Qwen2-VL: M-RoPE positions from get_rope_index and per-token mm_token_type_ids in the inputs
+    c = qwen_case
+    assert c.ref_kl[0][0] > 1e-3 and all(len(set(a)) > 1 for a in c.answers)
+    cal = calibrate(c.model, [batch_inputs(c)], answer_tokens=N, progress=False)
+    for K in range(L):
+        expect = sum(c.ref_kl[K]) / len(c.ref_kl[K])
+        assert math.isclose(cal.kl[K], expect, rel_tol=1e-4, abs_tol=1e-6), (K, cal.kl[K], expect)
+
+
+def test_answer_kl_matches_full_forwards_under_enable(eos_case):
+    # A second reference: per sample, unpadded, the prompt plus the answer but its last token
+    # through the whole model, with vtw.enable(model, K) and without; the logits at the last
+    # len(answer) positions are those predicting the answer.
+    c = eos_case
+    ks = [0, 2, 3]
+    cal = calibrate(c.model, [batch_inputs(c)], layers=ks, answer_tokens=N, progress=False)
+    per_k = {K: [] for K in ks}
+    with torch.no_grad():
+        for s, a in zip(c.samples, c.answers):
+            ids = torch.tensor([s.ids + a[:-1]])
+            inputs = dict(input_ids=ids, **c.batch_mm([s]))
+            full = c.model(**inputs).logits[0, -len(a):]
+            for K in ks:
+                vtw.enable(c.model, K)
+                try:
+                    got = c.model(**inputs).logits[0, -len(a):]
+                finally:
+                    vtw.disable(c.model)
+                per_k[K].append(sum(_kl64(got[t], full[t]) for t in range(len(a))) / len(a))
+    for K in ks:
+        expect = sum(per_k[K]) / len(per_k[K])
+        assert math.isclose(cal.kl[K], expect, rel_tol=1e-4, abs_tol=1e-6), (K, cal.kl[K], expect)
+
+
+def test_answer_tokens_one_is_the_papers_criterion(case, ref_kl):
+    cal = calibrate(case.model, [batch_inputs(case)], answer_tokens=1, progress=False)
+    assert cal.mean_answer_length == 1.0
+    for K in range(L):
+        expect = sum(ref_kl[K]) / len(ref_kl[K])
+        assert math.isclose(cal.kl[K], expect, rel_tol=1e-4, abs_tol=1e-6), (K, cal.kl[K], expect)
+
+
+def test_answers_ignore_the_models_generation_config(eos_case):
+    # The model's own generation config may sample or penalise repetitions; the answers stay greedy.
+    c = eos_case
+    gc = c.model.generation_config
+    plain = calibrate(c.model, [batch_inputs(c)], answer_tokens=N, progress=False)
+    changed = copy.deepcopy(gc)
+    changed.do_sample, changed.temperature, changed.repetition_penalty, changed.max_new_tokens = True, 5.0, 3.0, 1
+    c.model.generation_config = changed
+    try:
+        torch.manual_seed(1)
+        again = calibrate(c.model, [batch_inputs(c)], answer_tokens=N, progress=False)
+        assert c.model.generation_config is changed  # restored, as it was
+    finally:
+        c.model.generation_config = gc
+    assert again.kl == plain.kl and again.mean_answer_length == plain.mean_answer_length
+
+
+def test_answer_chosen_layer(eos_case):
+    c = eos_case
+    ks = [1, 2, 3]
+    means = {K: sum(c.ref_kl[K]) / len(c.ref_kl[K]) for K in ks}
+    vals = sorted(means.values())
+    cuts = [vals[0] / 2] + [(a + b) / 2 for a, b in zip(vals, vals[1:])] + [vals[-1] * 2]
+    chosen = set()
+    for thr in cuts:
+        expect = next((K for K in ks if means[K] <= thr), None)
+        got = calibrate(c.model, [batch_inputs(c)], layers=ks, threshold=thr, answer_tokens=N, progress=False).layer
+        assert got == expect, (thr, got, expect, means)
+        chosen.add(got)
+    assert None in chosen and len(chosen) >= 2
+
+
+def test_answer_layer_evaluations_counted(eos_case):
+    c = eos_case
+    ks = [0, 1, 3]
+    split = [c.samples[:2], c.samples[2:]]
+    cal = calibrate(c.model, [batch_inputs(c, s) for s in split], layers=ks, answer_tokens=N, progress=False)
+    expect = expect_ref = 0
+    for part in split:
+        steps = max(len(c.answers[c.samples.index(s)]) for s in part)  # generate: one forward per token
+        expect += L * steps + L + sum(L - k for k in ks)
+        expect_ref += L * steps + (1 + len(ks)) * L
+    assert cal.layer_evals == expect and cal.layer_evals_reference == expect_ref
+
+
+def _flops_fraction(samples, visual_ids, d, m, layers, K):
+    def layer(n):
+        return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+
+    full = cut = 0
+    for s in samples:
+        n_all = len(s.ids)
+        n_text = sum(t not in visual_ids for t in s.ids)
+        full += layers * layer(n_all)
+        cut += K * layer(n_all) + (layers - K) * layer(n_text)
+    return 1 - cut / full
+
+
+@pytest.mark.parametrize("answer_tokens", [0, N])
+def test_flops_saved_matches_formula(case, answer_tokens):
+    # Both criteria count the prompts' prefill; a right-padded batch counts no padding.
+    batches = [batch_inputs(case, case.samples[:3]), right_padded(case, case.samples[3:])]
+    cal = calibrate(case.model, batches, layers=[0, 1, 2, 3, 4], answer_tokens=answer_tokens, progress=False)
+    assert sorted(cal.flops_saved) == [0, 1, 2, 3, 4]
+    for K in range(L + 1):
+        expect = _flops_fraction(case.samples, case.visual_ids, 32, 64, L, K)
+        assert math.isclose(cal.flops_saved[K], expect, rel_tol=1e-12, abs_tol=1e-15), (K, cal.flops_saved[K], expect)
+    assert cal.flops_saved[L] == 0.0 and cal.flops_saved[0] > cal.flops_saved[1] > cal.flops_saved[3] > 0
+
+
+def test_answer_calibration_restores_the_model(eos_case):
+    c = eos_case
+    inputs = batch_inputs(c)
+    before = _snapshot(c.model, inputs)
+    gc = c.model.generation_config
+    calibrate(c.model, [inputs], answer_tokens=N, progress=False)
+    assert c.model.generation_config is gc and not vtw.is_enabled(c.model)
+    assert torch.equal(_snapshot(c.model, inputs), before)
+
+
+def test_answer_tokens_errors(case):
+    inputs = batch_inputs(case)
+    with pytest.raises(ValueError, match="answer_tokens must be >= 0"):
+        calibrate(case.model, [inputs], answer_tokens=-1, progress=False)
+    for bad in (1.5, True, "3"):
+        with pytest.raises(TypeError, match="answer_tokens must be an int"):
+            calibrate(case.model, [inputs], answer_tokens=bad, progress=False)
+    with pytest.raises(ValueError, match="position_ids"):
+        calibrate(case.model, [dict(inputs, position_ids=torch.arange(inputs["input_ids"].shape[1])[None])],
+                  answer_tokens=2, progress=False)
+
+
+def test_save_has_flops_and_answer_tokens(tmp_path):
+    from PIL import Image
+
+    from vtw.calibrate import FLOPS_COLOR, KL_COLOR
+
+    cal = Calibration(kl={0: 0.5, 1: 0.02, 2: 0.002, 3: 0.0}, layer=2, threshold=0.003, num_layers=4,
+                      num_samples=3, flops_saved={0: 0.6, 1: 0.45, 2: 0.3, 3: 0.15}, answer_tokens=8,
+                      mean_answer_length=3.5)
+    j, p = cal.save(tmp_path)
+    data = json.loads(j.read_text())
+    assert data["flops_saved"] == {"0": 0.6, "1": 0.45, "2": 0.3, "3": 0.15}
+    assert data["answer_tokens"] == 8 and data["mean_answer_length"] == 3.5
+    assert Calibration.load(j) == cal
+    with Image.open(p) as im:
+        colors = {c for _, c in im.getcolors(maxcolors=1 << 20)}
+    assert FLOPS_COLOR in colors and KL_COLOR in colors
+    # without FLOPs (an older JSON file): no FLOPs curve
+    old = Calibration.from_dict({"kl": {"0": 0.5, "1": 0.001}, "layer": 1, "threshold": 0.003, "num_layers": 2})
+    assert old.flops_saved == {} and old.answer_tokens == 0
+    with Image.open(old.save(tmp_path / "old")[1]) as im:
+        assert FLOPS_COLOR not in {c for _, c in im.getcolors(maxcolors=1 << 20)}
+
+
+def test_table_has_flops_saved():
+    cal = Calibration(kl={0: 0.5, 1: 0.002}, layer=1, threshold=0.003, num_layers=2,
+                      flops_saved={0: 0.612, 1: 0.306})
+    lines = cal.table().splitlines()
+    assert "FLOPs saved" in lines[0]
+    assert lines[1].split()[:3] == ["0", "5.000e-01", "61.2%"]
+    assert lines[2].split()[:3] == ["1", "2.000e-03", "30.6%"] and lines[2].rstrip().endswith("<- K")
+    assert "K = 1" in lines[-1] and "30.6%" in lines[-1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["layer_flops", "prefill_flops", "kv_bytes", "sync", "fmt_bytes"]
+__all__ = ["layer_flops", "prefill_flops", "prefill_flops_saved", "kv_bytes", "sync", "fmt_bytes"]
 
 
 def layer_flops(n: float, d: int, m: int) -> float:
@@ -43,3 +43,13 @@ def fmt_bytes(b: float) -> str:
             return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
         b /= 1024
     return f"{b:.1f} GiB"
+
+
+def prefill_flops_saved(token_counts, d: int, m: int, num_layers: int, k: int | None) -> float:
+    """Fraction of the decoder prefill FLOPs that withdrawal at layer k saves on prompts of
+    `token_counts` = [(tokens, text tokens), ...] (each prompt prefilled alone, unpadded): one
+    minus the total FLOPs at k over the total of the full model. 0 for no prompts."""
+    full = sum(prefill_flops(n, t, d, m, num_layers, None) for n, t in token_counts)
+    if not full:
+        return 0.0
+    return 1.0 - sum(prefill_flops(n, t, d, m, num_layers, k) for n, t in token_counts) / full
