@@ -5,6 +5,7 @@ stderr, a non-zero exit status, no traceback."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -97,6 +98,66 @@ def test_calibrate_matches_the_api(model_dir, data, tmp_path, capsys):
     assert got == {str(k): v for k, v in cal.kl.items()}
 
 
+def _api_batch(model_dir, data):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(model_dir)
+    proc.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    lines = [json.loads(x) for x in data.read_text().splitlines() if x.strip()]
+    images = [Image.open(data.parent / x["image"]).convert("RGB") for x in lines]
+    prompts = [x["prompt"] if "<image>" in x["prompt"] else "<image>\n" + x["prompt"] for x in lines]
+    return model, dict(proc(images=images, text=prompts, return_tensors="pt", padding=True))
+
+
+def test_calibrate_answer_tokens(model_dir, data, tmp_path, capsys):
+    from vtw.calibrate import calibrate
+
+    rc, stdout, err = run_cli(capsys, "calibrate", "--model", model_dir, "--data", data, "--out", tmp_path,
+                              "--layers", "0,2,4-6", "--batch-size", 3, "--answer-tokens", 3, "--threshold", "0.05",
+                              "--no-progress")
+    assert rc == 0, err
+    result = json.loads((tmp_path / "calibration.json").read_text())
+    assert result["answer_tokens"] == 3 and 1 <= result["mean_answer_length"] <= 3
+    kl = {int(k): v for k, v in result["kl"].items()}
+    saved = {int(k): v for k, v in result["flops_saved"].items()}
+    assert sorted(kl) == sorted(saved) == [0, 2, 4, 5, 6]
+    assert result["layer"] == next((k for k in sorted(kl) if kl[k] <= 0.05), None)
+    # the command line's numbers are vtw.calibrate's with answer_tokens=3 on the same batch, and differ
+    # from the paper's criterion (the flag reaches the calibration)
+    model, batch = _api_batch(model_dir, data)
+    api = calibrate(model, [batch], layers=[0, 2, 4, 5, 6], answer_tokens=3, progress=False)
+    assert api.kl == kl and api.flops_saved == saved
+    first = calibrate(model, [batch], layers=[0], progress=False)
+    assert abs(first.kl[0] - kl[0]) > 1e-3 * kl[0]
+    # FLOPs saved, written out here: each prompt unpadded, 64 image tokens, hidden 64, MLP 128, 6 layers
+    n_all = batch["attention_mask"].sum(1).tolist()
+    n_text = [n - 64 for n in n_all]
+
+    def flops(n):
+        return 4 * n * 64 * 64 + 2 * n * n * 64 + 3 * n * 64 * 128
+
+    for k in kl:
+        expect = 1 - sum(k * flops(a) + (6 - k) * flops(t) for a, t in zip(n_all, n_text)) / sum(6 * flops(a) for a in n_all)
+        assert abs(saved[k] - expect) < 1e-12, (k, saved[k], expect)
+    assert saved[6] == 0 and saved[0] > 0.5
+    # the printed table: K, mean KL, FLOPs saved, then the chosen K
+    rows = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].isdigit() and parts[2].endswith("%"):
+            rows[int(parts[0])] = (float(parts[1]), float(parts[2][:-1]))
+    assert sorted(rows) == sorted(kl), stdout
+    for k, (v, pct) in rows.items():
+        assert math.isclose(v, kl[k], rel_tol=1e-3, abs_tol=1e-12) and abs(pct - 100 * saved[k]) <= 0.051, (k, v, pct)
+    chosen = [x for x in stdout.splitlines() if "first layer with mean KL" in x or "no candidate layer" in x]
+    assert len(chosen) == 1
+    if result["layer"] is not None:
+        assert f"K = {result['layer']} " in chosen[0] and f"{100 * saved[result['layer']]:.1f}%" in chosen[0]
+    assert "greedy answers (up to 3 tokens)" in stdout
+
+
 def _one_line_error(rc, stderr, *needles):
     assert rc == 1
     assert "Traceback" not in stderr
@@ -162,6 +223,8 @@ def test_parse_layers():
 def test_usage_errors_exit_2(capsys):
     for argv in (["calibrate", "--data", "x.jsonl", "--layers", "5-2"],
                  ["calibrate", "--data", "x.jsonl", "--threshold", "-1"],
+                 ["calibrate", "--data", "x.jsonl", "--answer-tokens", "-1"],
+                 ["calibrate", "--data", "x.jsonl", "--answer-tokens", "two"],
                  ["calibrate"],  # --data is required
                  ["demo", "--samples", "0"]):
         with pytest.raises(SystemExit) as e:
@@ -177,5 +240,6 @@ def test_help(argv):
     assert r.stdout.startswith("usage: python -m vtw")
     if argv[0] == "calibrate":
         assert "--model" in r.stdout and "--data" in r.stdout and "--layers" in r.stdout
+        assert "--answer-tokens" in r.stdout
     if argv == ["--help"]:
         assert "demo" in r.stdout and "calibrate" in r.stdout

@@ -111,9 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser(
         "calibrate", help="choose the withdrawal layer K of a model on your images and prompts",
         description="Runs vtw.calibrate: for each candidate layer K, the mean over samples of "
-                    "KL(P_withdrawn(K) || P_full) of the next-token distribution at the last prompt position; "
-                    "K is the first layer at or under the threshold. Writes calibration.json and "
-                    "calibration.png (the curve, the threshold and K) and prints the curve.")
+                    "KL(P_withdrawn(K) || P_full) of the next-token distribution at the last prompt position "
+                    "(the paper's criterion), or with --answer-tokens N over the full model's greedy answer of up "
+                    "to N tokens (for multi-token answers: captions, chat); K is the first layer at or under the "
+                    "threshold. Prints the table of K, mean KL and the fraction of decoder prefill FLOPs each K "
+                    "saves, and the chosen K; writes calibration.json and calibration.png (both curves, the "
+                    "threshold and K).")
     cal.add_argument("--model", default=None,
                      help="a local model folder or a Hugging Face id (ids need network access); loaded with "
                           "AutoProcessor and AutoModelForImageTextToText. Default: the embedded model")
@@ -124,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--threshold", type=_threshold, default=0.003, help="threshold on the mean KL (default 0.003)")
     cal.add_argument("--layers", type=parse_layers, default=None,
                      help="candidate layers, e.g. '5-31' or '5,8,12' (default: every decoder layer)")
+    cal.add_argument("--answer-tokens", type=_non_negative_int, default=0, metavar="N",
+                     help="0 (default): the paper's criterion, the next-token distribution after the prompt. N > 0: "
+                          "the full model answers each sample greedily (up to N tokens, ending after end-of-sequence) "
+                          "and the KL is averaged over the positions predicting that answer, teacher-forced; use it "
+                          "when answers are longer than a word (captioning, chat)")
     cal.add_argument("--out", type=Path, default=Path("."),
                      help="folder for calibration.json and calibration.png (default: the current folder)")
     cal.add_argument("--batch-size", type=_positive_int, default=8, help="samples per forward (default 8)")
@@ -298,14 +306,20 @@ def run_calibrate(args) -> int:
         batches.append(dict(enc))
     name = args.model or "the embedded model"
     print(f"vtw calibrate: {name}, {type(model).__name__}, {L} decoder layers, {len(pairs)} samples, "
-          f"threshold {args.threshold:g}")
+          f"threshold {args.threshold:g}, "
+          + (f"KL over the full model's greedy answers (up to {args.answer_tokens} tokens)" if args.answer_tokens
+             else "KL at the last prompt position (the paper's criterion)"))
     try:
-        cal = calibrate(model, batches, threshold=args.threshold, layers=args.layers, progress=not args.no_progress)
+        cal = calibrate(model, batches, threshold=args.threshold, layers=args.layers, progress=not args.no_progress,
+                        answer_tokens=args.answer_tokens)
     except (ValueError, TypeError, NotImplementedError) as e:
         raise CLIError(str(e)) from None
     except torch.cuda.OutOfMemoryError:
         raise CLIError("out of GPU memory; try a smaller --batch-size") from None
     cal.extra = {"model": name, "data": str(args.data)}
+    if args.answer_tokens:
+        print(f"answers: {cal.mean_answer_length:.2f} tokens on average (up to {args.answer_tokens}, the "
+              "end-of-sequence token included), each position that predicts one scored")
     print(cal.table())
     print(cal.cost_line())
     try:

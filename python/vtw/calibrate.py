@@ -279,7 +279,7 @@ def plot(cal: Calibration, size: tuple[int, int] = (720, 440)):
             d.line([X(k), bottom, X(k), bottom + 5], fill="black")
             d.text((X(k) - 4, bottom + 8), str(k), fill="black", font=font)
     d.text(((left + right) // 2 - 60, H - 24), "candidate layer K (0-based)", fill="black", font=font)
-    d.text((8, top - 14), "mean KL", fill="black", font=font)
+    d.text((8, top - 24), "mean KL", fill="black", font=font)
     if cal.threshold > 0:  # dashed threshold line
         y = Y(cal.threshold)
         x = left
