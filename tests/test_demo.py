@@ -109,40 +109,84 @@ def test_shipped_model_loads_and_answers():
     assert acc["accuracy"] >= 0.9 > task.chance(held) + 0.5, acc
 
 
+def _pcts(line):
+    return [float(x) for x in re.findall(r"([\d.]+)%", line)]
+
+
 def test_demo_short_end_to_end():
     r = subprocess.run([sys.executable, "-m", "vtw", "demo", "--short"], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     for needle in ("calibration of K on 10 samples", "calibration cost:", "full model", "withdrawal at K =",
-                   "image withdrawn before layer 1 (K = 0)", "ideal speedup", "KV cache", "chance"):
+                   "image withdrawn before layer 1 (K = 0)", "ideal speedup", "KV cache", "chance",
+                   "answer_tokens=8", "the full model's greedy answers:"):
         assert needle in out, needle
     rows = {}
     for line in out.splitlines():
-        m = re.match(r"\s+(full model|withdrawal at K = \d+|image withdrawn before layer 1 \(K = 0\))\s+"
+        m = re.match(r"\s+(full model|withdrawal at K = \d+ \((?:first-token|answer) KL\)|"
+                     r"image withdrawn before layer 1 \(K = 0\))\s+"
                      r"([\d.]+)%\s+([\d.]+) ms\s+([\d.]+) (B|KiB|MiB)\s+([\d.]+) M\s+([\d.]+)%\s+([\d.]+)x", line)
         if m:
             mib = float(m.group(4)) * {"B": 1 / 2**20, "KiB": 1 / 2**10, "MiB": 1}[m.group(5)]
-            rows[m.group(1)[:6]] = dict(acc=float(m.group(2)), ms=float(m.group(3)), cache=mib,
-                                        flops=float(m.group(6)), cut=float(m.group(7)), speedup=float(m.group(8)))
-    assert set(rows) == {"full m", "withdr", "image "}, out
-    full, blind = rows["full m"], rows["image "]
+            name = m.group(1)
+            key = ("full" if name == "full model" else "blind" if name.startswith("image") else
+                   "answer" if "answer" in name else "first")
+            rows[key] = dict(acc=float(m.group(2)), ms=float(m.group(3)), cache=mib, flops=float(m.group(6)),
+                             cut=float(m.group(7)), speedup=float(m.group(8)),
+                             k=int(re.search(r"K = (\d+)", name).group(1)) if key in ("answer", "first") else None)
+    assert {"full", "first", "blind"} <= set(rows) <= {"full", "first", "answer", "blind"}, out
+    full, blind = rows["full"], rows["blind"]
     assert full["cut"] == 0.0 and full["speedup"] == 1.0
     # K = 0: the 64 image tokens never enter the decoder: less compute and a smaller KV cache
     assert blind["cut"] > 50 and blind["flops"] < full["flops"] and blind["cache"] < full["cache"]
-    assert 0 <= rows["withdr"]["cut"] <= blind["cut"]
+    assert 0 <= rows["first"]["cut"] <= blind["cut"]
     assert "Traceback" not in r.stderr
     # the paper's phenomenon on the shipped model (issue 6): a layer meets the threshold, withdrawing
     # the picture from it on keeps the accuracy within 2 points of the full model, and withdrawing it
     # before the first layer leaves the model near (or below) chance
-    m = re.search(r"K = (\d+) \(first layer with mean KL <= ", out)
-    assert m, out
-    k, layers = int(m.group(1)), build.TEXT["num_hidden_layers"]
-    assert 0 < k < layers
-    assert rows["withdr"]["cut"] > 0
-    assert abs(rows["withdr"]["acc"] - full["acc"]) <= 2.0, rows
+    chosen = [int(k) for k in re.findall(r"K = (\d+) \(first layer with mean KL <= ", out)]
+    assert len(chosen) == 2, out  # both criteria chose a layer
+    k, ka = chosen
+    layers = build.TEXT["num_hidden_layers"]
+    assert 0 < k < layers and rows["first"]["k"] == k
+    assert rows["first"]["cut"] > 0
+    assert abs(rows["first"]["acc"] - full["acc"]) <= 2.0, rows
     chance = float(re.search(r"is at chance, ([\d.]+)%", out).group(1))
     assert full["acc"] >= 90.0 and blind["acc"] <= chance + 5.0, (rows, chance)
-    # the per-K table agrees with the comparison rows
-    per_k = {int(a): float(b) for a, b in re.findall(r"^\s+(\d+)\s+\S.*?\s([\d.]+)%", out, re.M)}
-    assert per_k[0] == blind["acc"] and per_k[k] == rows["withdr"]["acc"] and per_k[layers] == full["acc"], per_k
+
+    # the per-K table: K, the KL by both criteria (as the two calibration tables printed them), FLOPs
+    # saved, held-out accuracy, and how often the whole 8-token output equals the full model's
+    lines = out.splitlines()
+    cal_tables = [{}, {}]
+    t = -1
+    for line in lines:
+        if "mean KL  FLOPs saved" in line:
+            t += 1
+        elif t >= 0 and re.match(r"^\s+\d+\s+\S+e[+-]\d+\s+[\d.]+%", line) and len(cal_tables[t]) < layers:
+            parts = line.split()
+            cal_tables[t][int(parts[0])] = parts[1]
+    assert [sorted(c) for c in cal_tables] == [list(range(layers))] * 2, cal_tables
+    start = next(i for i, x in enumerate(lines) if x.startswith("  every K on the held-out set"))
+    per_k = {}
+    for line in lines[start + 2:start + 3 + layers]:
+        parts = line.split()
+        kk = int(parts[0])
+        if kk < layers:
+            assert parts[1:3] == [cal_tables[0][kk], cal_tables[1][kk]], (line, cal_tables)
+        flops, acc, agree = _pcts(line)
+        per_k[kk] = dict(flops=flops, acc=acc, agree=agree, marks=line.partition("<- K")[2])
+    assert sorted(per_k) == list(range(layers + 1)), per_k
+    assert per_k[0]["acc"] == blind["acc"] and per_k[k]["acc"] == rows["first"]["acc"]
+    assert per_k[layers]["acc"] == full["acc"]
+    assert per_k[k]["flops"] == rows["first"]["cut"] and per_k[0]["flops"] == blind["cut"]
+    assert "first token" in per_k[k]["marks"] and "answer" in per_k[ka]["marks"]
+    assert [kk for kk in per_k if per_k[kk]["marks"]] == sorted({k, ka})
+    # the full model agrees with itself; the model that never sees the picture does not
+    assert per_k[layers]["agree"] == 100.0 and per_k[0]["agree"] < 50.0
+    if ka != k:
+        assert rows["answer"]["k"] == ka and rows["answer"]["cut"] == per_k[ka]["flops"]
+        assert rows["answer"]["acc"] == per_k[ka]["acc"]
+        assert f"the first token's KL picks K = {k}" in out and f"the KL over 8-token answers K = {ka}" in out
+    else:
+        assert "answer" not in rows and f"both criteria pick K = {k}" in out
