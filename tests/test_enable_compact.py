@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vtw
+from vtw.compat.transformers import cache_kwargs, output_cache
 from test_enable_support import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from test_enable_support import ATTN, CASES, batch_inputs, gen_kwargs, generated, ref_compact, text_counts
 
@@ -49,7 +50,7 @@ def test_compact_generate_matches_reference(case, K):
     _compare(case, out, inputs, refs)
     # Decode saw text-only caches in layers >= K, and they are that short.
     S = inputs["input_ids"].shape[1]
-    lens = [lay.keys.shape[2] for lay in out.cache.layers]
+    lens = [lay.keys.shape[2] for lay in output_cache(out).layers]
     assert lens[:K] == [S + STEPS - 1] * K
     assert lens[K:] == [max(text_counts(case)) + STEPS - 1] * (len(lens) - K)
 
@@ -82,7 +83,7 @@ def test_compact_static_cache(family):
     finally:
         vtw.disable(case.model)
     _compare(case, out, inputs, refs)
-    lens = [int(lay.get_seq_length()) for lay in out.cache.layers]
+    lens = [int(lay.get_seq_length()) for lay in output_cache(out).layers]
     S = inputs["input_ids"].shape[1]
     assert lens[0] - lens[2] == S - max(text_counts(case))
 
@@ -100,7 +101,7 @@ def test_compact_follow_up_turn(family):
             ids2 = torch.cat([out1.sequences, torch.tensor([new] * len(case.samples))], dim=1)
             extra = torch.ones(len(case.samples), 3 + len(new), dtype=torch.long)
             am2 = torch.cat([inputs["attention_mask"], extra], dim=1)
-            out2 = case.model.generate(input_ids=ids2, attention_mask=am2, cache=out1.cache, **gen_kwargs(case, 3))
+            out2 = case.model.generate(input_ids=ids2, attention_mask=am2, **cache_kwargs(output_cache(out1)), **gen_kwargs(case, 3))
     finally:
         vtw.disable(case.model)
     gen2 = out2.sequences[:, ids2.shape[1]:]

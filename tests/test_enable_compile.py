@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import vtw
+from vtw.compat.transformers import cache_kwargs
 from test_enable_support import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from test_enable_support import CASES, batch_inputs
 
@@ -46,8 +47,8 @@ def test_text_forward_compiles_fullgraph_with_num_keep_given(family):
         kw = dict(attention_mask=am, position_ids=pos, use_cache=True, vtw_withdraw_mask=withdraw,
                   vtw_num_keep=num_keep)
         with torch.no_grad():
-            eager = text.forward(inputs_embeds=embeds, cache=cache_e, **kw).last_hidden_state
-            comp = compiled(inputs_embeds=embeds, cache=cache_c, **kw).last_hidden_state
+            eager = text.forward(inputs_embeds=embeds, **cache_kwargs(cache_e), **kw).last_hidden_state
+            comp = compiled(inputs_embeds=embeds, **cache_kwargs(cache_c), **kw).last_hidden_state
         real = am.bool()
         torch.testing.assert_close(comp[real], eager[real], atol=1e-5, rtol=1e-5)
         # Text positions must hold the withdrawn model's states, not the unmodified ones.
@@ -64,8 +65,8 @@ def test_text_forward_compiles_fullgraph_with_num_keep_given(family):
         kw1 = dict(attention_mask=am1, position_ids=p1, use_cache=True,
                    vtw_withdraw_mask=torch.zeros(B, 1, dtype=torch.bool), vtw_num_keep=1)
         with torch.no_grad():
-            eager1 = text.forward(inputs_embeds=e1, cache=cache_e, **kw1).last_hidden_state
-            comp1 = compiled(inputs_embeds=e1, cache=cache_c, **kw1).last_hidden_state
+            eager1 = text.forward(inputs_embeds=e1, **cache_kwargs(cache_e), **kw1).last_hidden_state
+            comp1 = compiled(inputs_embeds=e1, **cache_kwargs(cache_c), **kw1).last_hidden_state
         torch.testing.assert_close(comp1, eager1, atol=1e-5, rtol=1e-5)
         assert [int(x.get_seq_length()) for x in cache_c.layers] == [S + 1] * 2 + [num_keep + 1] * 2
     finally:
@@ -85,10 +86,10 @@ def test_whole_model_decode_step_has_no_graph_break():
         cache = StaticCache(config=case.model.config, max_cache_len=S + 4)
         pos = (am.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            out = case.model(**inputs, position_ids=pos, cache=cache, use_cache=True)
+            out = case.model(**inputs, position_ids=pos, **cache_kwargs(cache), use_cache=True)
             step = dict(input_ids=out.logits[:, -1].argmax(-1, keepdim=True),
                         attention_mask=torch.cat([am, torch.ones_like(am[:, :1])], dim=1),
-                        position_ids=pos[:, -1:] + 1, cache=cache, use_cache=True)
+                        position_ids=pos[:, -1:] + 1, **cache_kwargs(cache), use_cache=True)
             torch._dynamo.reset()
             explain = torch._dynamo.explain(case.model.forward)(**step)
         assert explain.graph_break_count == 0, [b.reason for b in explain.break_reasons]

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import vtw
+from vtw.compat.transformers import cache_kwargs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -172,7 +173,7 @@ def _causal(m: int, dtype) -> torch.Tensor:
 
 def _call_layer(layer, h, mask, cos_sin, pos2d):
     return type(layer).forward(layer, h, attention_mask=mask, position_embeddings=cos_sin,
-                               position_ids=pos2d, cache=None, use_cache=False)
+                               position_ids=pos2d, **cache_kwargs(None), use_cache=False)
 
 
 @torch.no_grad()
@@ -590,7 +591,7 @@ def ref_compact(case: Case, K: int, sample: Sample, steps: int, follow: list[int
         model.model.rope_deltas = None  # Qwen2-VL keeps M-RoPE offsets between calls; start afresh
     try:
         cache = DynamicCache(config=model.config)
-        out = model(**single_inputs(case, sample), cache=cache, use_cache=True)
+        out = model(**single_inputs(case, sample), **cache_kwargs(cache), use_cache=True)
         keep = torch.ones(len(sample.ids), dtype=torch.bool)
         for v in case.visual_ids:
             keep &= torch.tensor(sample.ids) != v
@@ -615,7 +616,7 @@ def ref_compact(case: Case, K: int, sample: Sample, steps: int, follow: list[int
             pos = torch.tensor([[seen[0]]])
             seen[0] += 1
             pos = pos[None].expand(3, 1, 1) if case.mrope else pos
-            return model(input_ids=torch.tensor([[tok]]), position_ids=pos, cache=cache, use_cache=True).logits[0, -1]
+            return model(input_ids=torch.tensor([[tok]]), position_ids=pos, **cache_kwargs(cache), use_cache=True).logits[0, -1]
 
         for t in range(steps):
             tok = emit(lg)

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from .compat import transformers as _tf
 from .costs import fmt_bytes, kv_bytes, prefill_flops, sync  # prefill_flops: VTW.md's formula
 from .enable import disable, enable
 
@@ -241,7 +242,7 @@ def _next_token(logits: torch.Tensor, image_token_id: int) -> torch.Tensor:
 @torch.inference_mode()
 def _prefill(model, inputs, image_token_id):
     out = model(**inputs, use_cache=True, logits_to_keep=1)
-    return out.cache, _next_token(out.logits, image_token_id)
+    return _tf.output_cache(out), _next_token(out.logits, image_token_id)
 
 
 @torch.inference_mode()
@@ -250,7 +251,8 @@ def _decode(model, cache, tok, attention_mask, steps: int, image_token_id):
     ones = am.new_ones(am.shape[0], 1)
     for _ in range(steps):
         am = torch.cat([am, ones], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=am, cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=tok[:, None], attention_mask=am, **_tf.cache_kwargs(cache), use_cache=True,
+                    logits_to_keep=1)
         tok = _next_token(out.logits, image_token_id)
     return tok
 

@@ -74,6 +74,7 @@ from torch import nn
 import vtw_kernels
 
 from . import models as _models
+from .compat import transformers as _tf
 
 MODES = ("withdraw", "compact")
 _WITHDRAW_KW = "vtw_withdraw_mask"
@@ -432,7 +433,7 @@ def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep, explicit
         raise ValueError(f"vtw: the visual mask has shape {tuple(wmask.shape)} but decoder layer {state.layer} "
                          f"received hidden states of [B, S] = [{B}, {S}]")
     wmask = wmask.to(hidden.device)
-    cache = kwargs.get("cache")
+    cache = _tf.layer_cache(kwargs)
     if state.mode == "compact" and S > 1:
         # Every layer sees every token (the unmodified model's output); the deep layers attend to
         # their compacted past and to this chunk, and are compacted once the last layer has run.
@@ -471,8 +472,6 @@ def _deep_causal_mask(state: _State, inputs_embeds, padding, cache, dense: bool 
     padding mask is always applied (``allow_is_causal_skip=False``), instead of letting
     transformers test it for all-True, which would synchronise with the device here, inside the
     layer loop."""
-    from transformers.masking_utils import create_causal_mask
-
     if (not dense and inputs_embeds.shape[1] == 1 and state.config._attn_implementation in _BOOL_MASK_IMPLS
             and padding.shape[1] == _deep_kv_length(cache, state.layer, 1)):
         # One query per row (a decode step) sees every slot before it: SDPA's boolean mask is the
@@ -480,10 +479,10 @@ def _deep_causal_mask(state: _State, inputs_embeds, padding, cache, dense: bool 
         return padding[:, None, None, :]
     view = _DeepView(cache, state.layer) if cache is not None else None
     if dense:
-        return create_causal_mask(config=state.config, inputs_embeds=inputs_embeds, attention_mask=None,
-                                  cache=view, position_ids=None, layer_idx=state.layer)
-    return create_causal_mask(config=state.config, inputs_embeds=inputs_embeds, attention_mask=padding,
-                              cache=view, position_ids=None, layer_idx=state.layer, allow_is_causal_skip=False)
+        return _tf.create_causal_mask(state.config, inputs_embeds, None, view, position_ids=None,
+                                      layer_idx=state.layer)
+    return _tf.create_causal_mask(state.config, inputs_embeds, padding, view, position_ids=None,
+                                  layer_idx=state.layer, allow_is_causal_skip=False)
 
 
 _BOOL_MASK_IMPLS = ("sdpa", "vtw")  # whose mask function builds SDPA's boolean [B, 1, q, kv] mask
