@@ -53,6 +53,12 @@ python -m pip install -q $VTW_ENV_INDEX_ARGS "$VTW_ENV_TORCH" ninja pybind11 "se
 python -m pip install -q $VTW_ENV_INDEX_ARGS "$VTW_ENV_TORCH" $VTW_ENV_PACKAGES \
   pytest pytest-benchmark hypothesis tqdm pillow
 
+# A set may need a fix-up after its packages are in (e.g. vllm.sh): its env file then defines
+# vtw_env_post_install, called here, before vtw is built.
+if declare -F vtw_env_post_install >/dev/null; then
+  vtw_env_post_install
+fi
+
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 || true)
   export TORCH_CUDA_ARCH_LIST="${cap:-9.0}"

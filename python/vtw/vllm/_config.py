@@ -1,0 +1,155 @@
+"""Engine-start checks: reads ``vtw_layer`` / ``vtw_kv`` from the model config and refuses (or
+adjusts, with a logged warning) what vtw cannot honour."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+logger = logging.getLogger("vllm.vtw")
+
+KV_MODES = ("text_only", "shared")
+DEFAULT_KV = "text_only"
+
+# Architectures (vLLM's names) whose language model vtw.vllm knows how to withdraw in.
+FAMILIES = {
+    "LlavaForConditionalGeneration": "LLaVA-1.5",
+    "LlavaNextForConditionalGeneration": "LLaVA-NeXT",
+    "Qwen2VLForConditionalGeneration": "Qwen2-VL",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL",
+}
+_TOKEN_ID_NAMES = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+
+
+@dataclass(frozen=True)
+class Settings:
+    layer: int
+    num_layers: int
+    kv: str
+    token_ids: tuple[int, ...]
+    family: str
+
+    @property
+    def active(self) -> bool:
+        return self.layer < self.num_layers
+
+
+def _get(cfg, name):
+    v = getattr(cfg, name, None)
+    if v is None and isinstance(getattr(cfg, "__dict__", None), dict):
+        v = cfg.__dict__.get(name)
+    return v
+
+
+def visual_token_ids(hf_config) -> tuple[int, ...]:
+    ids = []
+    for n in _TOKEN_ID_NAMES:
+        v = _get(hf_config, n)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0 and v not in ids:
+            ids.append(v)
+    return tuple(ids)
+
+
+def settings(model_config) -> Settings | None:
+    """The withdrawal asked for by this model config, validated; None when ``vtw_layer`` is not
+    given (stock vLLM). Raises ValueError on a setting vtw cannot honour."""
+    hf = model_config.hf_config
+    layer = _get(hf, "vtw_layer")
+    kv = _get(hf, "vtw_kv")
+    if layer is None:
+        if kv is not None:
+            raise ValueError("vtw.vllm: hf_overrides has vtw_kv but no vtw_layer; add "
+                             '"vtw_layer": K (the first decoder layer without visual tokens)')
+        return None
+    from ._version import check
+
+    check()
+    arch = model_config.architecture
+    if arch not in FAMILIES:
+        raise ValueError(f"vtw.vllm: vtw_layer was given for a {arch} model, but vtw.vllm knows only "
+                         f"{', '.join(sorted(FAMILIES))}; drop vtw_layer to run it as stock vLLM")
+    num_layers = int(model_config.hf_text_config.num_hidden_layers)
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(f"vtw.vllm: vtw_layer must be an int, got {layer!r}")
+    if not 0 <= layer <= num_layers:
+        raise ValueError(f"vtw.vllm: vtw_layer must be in [0, {num_layers}] (this model has {num_layers} "
+                         f"decoder layers; {num_layers} withdraws nothing), got {layer}")
+    kv = DEFAULT_KV if kv is None else kv
+    if kv not in KV_MODES:
+        raise ValueError(f"vtw.vllm: vtw_kv must be one of {KV_MODES}, got {kv!r}")
+    token_ids = visual_token_ids(hf)
+    if not token_ids:
+        raise ValueError(f"vtw.vllm: the {arch} config has no image/video token id "
+                         f"({', '.join(_TOKEN_ID_NAMES)}); vtw cannot tell the visual tokens")
+    return Settings(layer, num_layers, kv, token_ids, FAMILIES[arch])
+
+
+def verify(vllm_config) -> Settings | None:
+    """Called while vLLM builds its config (engine start, every process)."""
+    mc = vllm_config.model_config
+    if mc is None:
+        return None
+    s = settings(mc)
+    if s is None or not s.active:
+        return s
+    if s.kv == "text_only":
+        raise NotImplementedError(
+            'vtw.vllm: vtw_kv="text_only" (the deep layers in KV cache groups of their own) is not '
+            'implemented in this version of vtw; pass hf_overrides={"vtw_layer": %d, "vtw_kv": "shared"} '
+            "(the compute saving, KV in the usual blocks)" % s.layer)
+    pc = vllm_config.parallel_config
+    if getattr(pc, "pipeline_parallel_size", 1) != 1:
+        raise ValueError("vtw.vllm: pipeline parallelism is not supported with vtw_layer; use "
+                         "tensor parallelism (tensor_parallel_size) or drop vtw_layer")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise ValueError("vtw.vllm: speculative decoding is not supported with vtw_layer")
+    cc = vllm_config.cache_config
+    if getattr(cc, "enable_prefix_caching", False):
+        logger.warning("vtw.vllm: turning prefix caching off: with vtw_layer the deep layers keep a "
+                       "compacted text-only KV layout that block hashes (over token positions) do not "
+                       "describe, so a shared cached block would be wrong")
+        cc.enable_prefix_caching = False
+    if not mc.enforce_eager:
+        logger.warning("vtw.vllm: running eagerly (enforce_eager=True): the deep layers' token count "
+                       "changes every step, which torch.compile and CUDA graphs do not capture")
+        mc.enforce_eager = True
+    logger.info("vtw.vllm: %s, visual tokens withdrawn from decoder layer %d of %d (kv: %s)",
+                s.family, s.layer, s.num_layers, s.kv)
+    return s
+
+
+_installed = False
+
+
+def install(supported: bool) -> None:
+    """Hooks :func:`verify` into vLLM's config building (VllmConfig.try_verify_and_update_config,
+    run in VllmConfig.__post_init__ before the compilation mode is settled). On a vLLM version
+    vtw was not written for, only a check that refuses a vtw_layer is hooked in."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    try:
+        from vllm.config import VllmConfig
+    except Exception as e:  # never break vLLM's start-up
+        logger.warning("vtw.vllm: could not hook into vLLM's config (%s); vtw_layer will be ignored", e)
+        return
+    name = "try_verify_and_update_config" if supported else "__post_init__"
+    orig = getattr(VllmConfig, name, None)
+    if orig is None:
+        logger.warning("vtw.vllm: VllmConfig.%s not found; vtw_layer will be ignored", name)
+        return
+
+    def hooked(self, *args, **kwargs):
+        if supported:
+            verify(self)
+        else:
+            mc = getattr(self, "model_config", None)
+            if mc is not None and _get(mc.hf_config, "vtw_layer") is not None:
+                from ._version import check
+
+                check()
+        return orig(self, *args, **kwargs)
+
+    hooked.__wrapped__ = orig
+    setattr(VllmConfig, name, hooked)

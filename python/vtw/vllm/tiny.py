@@ -1,0 +1,84 @@
+"""Tiny LLaVA-1.5 models built locally (random weights, no download) in the folder layout vLLM
+loads: for the tests and the benchmark.
+
+The tokenizer and processor are the embedded model's (:mod:`vtw.embedded.build`: a word-level
+tokenizer, CLIP's PIL image processor, 48 x 48 pictures in 6 x 6 patches: 64 image tokens); the
+language model's head size is 32 (vLLM's CPU attention supports 32, 64, 80, ...). Weights are
+saved in the llava-hf layout vLLM's loader expects (``vision_tower.vision_model.*``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def llava_config(layers: int = 4, hidden: int = 64, heads: int = 2, intermediate: int = 128,
+                 init: float = 0.3, image_size: int | None = None, patch: int | None = None):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from vtw.embedded import build, task
+
+    vocab = build.vocabulary()
+    image_size = image_size or task.IMAGE_SIZE
+    patch = patch or task.CELL
+    text = LlamaConfig(vocab_size=len(vocab), pad_token_id=build.PAD_ID, bos_token_id=build.BOS_ID,
+                       eos_token_id=build.EOS_ID, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+                       initializer_range=init, tie_word_embeddings=False)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch, projection_dim=64)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=build.IMAGE_ID,
+                      image_seq_length=(image_size // patch) ** 2, vision_feature_select_strategy="default",
+                      vision_feature_layer=-1, projector_hidden_act="gelu", tie_word_embeddings=False)
+    cfg.pad_token_id = build.PAD_ID
+    return cfg
+
+
+def build_llava(folder, seed: int = 0, **kw) -> Path:
+    """Writes a random tiny LLaVA-1.5 (float32) to `folder`; returns the folder."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlavaForConditionalGeneration
+
+    from vtw.embedded import build
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = llava_config(**kw)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # a visible image signal: the default init leaves the projector tiny
+        for p in model.model.multi_modal_projector.parameters():
+            p.mul_(3.0)
+    model.save_pretrained(folder)  # config, generation config
+    # vLLM's loader wants the llava-hf names
+    sd = {}
+    for k, v in model.state_dict().items():
+        k2 = k
+        if k2.startswith("model.vision_tower.") and not k2.startswith("model.vision_tower.vision_model."):
+            k2 = "vision_tower.vision_model." + k2[len("model.vision_tower."):]
+        elif k2.startswith("model.vision_tower.vision_model."):
+            k2 = k2[len("model."):]
+        elif k2.startswith("model.multi_modal_projector."):
+            k2 = k2[len("model."):]
+        elif k2.startswith("model.language_model."):
+            k2 = "language_model.model." + k2[len("model.language_model."):]
+        elif k2.startswith("lm_head."):
+            k2 = "language_model.lm_head." + k2[len("lm_head."):]
+        sd[k2] = v.contiguous()
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    idx = folder / "model.safetensors.index.json"
+    if idx.exists():
+        idx.unlink()
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    proc = build.processor()
+    proc.save_pretrained(folder)
+    gen = folder / "generation_config.json"
+    if gen.exists():  # never stop on EOS in the tests' greedy references
+        g = json.loads(gen.read_text())
+        g.pop("eos_token_id", None)
+        gen.write_text(json.dumps(g))
+    return folder

@@ -1,0 +1,182 @@
+"""vtw.vllm on a tiny LLaVA-1.5 (random weights, built locally): the engine's greedy tokens equal
+those of the withdrawn model on the same weights, recomputed independently and cache-free on the
+Hugging Face modules at every step, in a continuously batched, chunked-prefill workload that mixes image and
+text-only requests, for K = 0, 1, L/2, L-1 and L; every KV block is free afterwards.
+
+One in-process engine for the module (engine start is the expensive part): it is started with
+vtw_layer = L/2 through hf_overrides, and re-wired to the other K values between workloads.
+"""
+
+import os
+
+import pytest
+
+pytest.importorskip("vllm")
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from vtw.vllm import _runner, tiny  # noqa: E402
+
+LAYERS = 4
+NEW = 6
+PROMPTS = [  # (text, image seed or None)
+    ("<image> what shape is in the picture", 0),
+    ("what color is the square", None),
+    ("<image> is there a circle", 1),
+    ("how many shapes", None),
+    ("<image> where is the red shape in the grid of the picture now", 2),
+    ("<image> yes", 3),
+]
+
+
+def _image(seed):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny.build_llava(tmp_path_factory.mktemp("tiny_llava"), layers=LAYERS)
+
+
+@pytest.fixture(scope="module")
+def llm(folder):
+    from vllm import LLM
+
+    engine = LLM(str(folder), dtype="float32", distributed_executor_backend="uni", max_model_len=512,
+                 max_num_batched_tokens=32, max_num_seqs=3, seed=0, enable_prefix_caching=True,
+                 hf_overrides={"vtw_layer": LAYERS // 2, "vtw_kv": "shared"})
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def hf(folder):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
+                                                          attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None
+    return model, AutoProcessor.from_pretrained(folder)
+
+
+def _runner_of(llm):
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+
+
+def _embeds(model, inputs):
+    """The language model's input embeddings (image features scattered in), as HF computes them."""
+    got = {}
+
+    def hook(mod, args, kwargs):
+        got["e"] = kwargs["inputs_embeds"]
+        raise _Stop
+
+    h = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(**inputs)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return got["e"]
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _withdrawn_logits(model, embeds, ids, layer):
+    """A cache-free forward of the withdrawn model (the paper's algorithm, written out on the HF
+    modules): layers < K on every token, layers >= K on the text tokens only (original
+    positions); the last position's logits (the early-exit value if it is visual)."""
+    lm = model.model.language_model
+    S = embeds.shape[1]
+    pos = torch.arange(S)[None]
+    h = embeds
+    for i in range(layer):
+        h = lm.layers[i](h, attention_mask=None, position_ids=pos, position_embeddings=lm.rotary_emb(h, pos))
+    keep = ids[0] != model.config.image_token_id
+    if layer < len(lm.layers) and not keep[-1]:
+        return model.lm_head(lm.norm(h[:, -1:]))[0, -1]
+    if layer < len(lm.layers):
+        h, pos = h[:, keep], pos[:, keep]
+        for i in range(layer, len(lm.layers)):
+            h = lm.layers[i](h, attention_mask=None, position_ids=pos, position_embeddings=lm.rotary_emb(h, pos))
+    return model.lm_head(lm.norm(h[:, -1:]))[0, -1]
+
+
+def _reference(hf, layer):
+    """Greedy tokens of the withdrawn model, recomputed from scratch at every step."""
+    model, proc = hf
+    out = []
+    for text, seed in PROMPTS:
+        inputs = proc(text=text, images=_image(seed) if seed is not None else None, return_tensors="pt")
+        ids = inputs["input_ids"]
+        with torch.no_grad():
+            embeds = _embeds(model, inputs)
+        toks = []
+        for _ in range(NEW):
+            t = int(_withdrawn_logits(model, embeds, ids, layer).argmax())
+            toks.append(t)
+            ids = torch.cat([ids, torch.tensor([[t]])], 1)
+            with torch.no_grad():
+                embeds = torch.cat([embeds, model.model.language_model.embed_tokens(torch.tensor([[t]]))], 1)
+        out.append((inputs["input_ids"][0].tolist(), toks))
+    return out
+
+
+def _run(llm):
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    reqs = [{"prompt": t, **({"multi_modal_data": {"image": _image(s)}} if s is not None else {})}
+            for t, s in PROMPTS]
+    outs = llm.generate(reqs, sp, use_tqdm=False)
+    return [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outs]
+
+
+def _free_blocks(llm):
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    pool = sched.kv_cache_manager.block_pool
+    return pool.get_num_free_blocks(), pool.num_gpu_blocks - 1
+
+
+def test_engine_start_adjustments(llm):
+    vc = llm.llm_engine.vllm_config
+    assert vc.cache_config.enable_prefix_caching is False  # turned off, with a warning
+    assert vc.model_config.enforce_eager is True
+    assert _runner_of(llm)._vtw is not None and _runner_of(llm)._vtw.settings.layer == LAYERS // 2
+
+
+@pytest.mark.parametrize("layer", [LAYERS // 2, 0, 1, LAYERS - 1, LAYERS])
+def test_tokens_equal_withdrawn_hf_model(llm, hf, layer):
+    _runner.set_layer(_runner_of(llm), layer)
+    try:
+        got = _run(llm)
+    finally:
+        _runner.set_layer(_runner_of(llm), LAYERS // 2)
+    want = _reference(hf, layer)
+    for (gp, gt), (wp, wt), (text, _) in zip(got, want, PROMPTS):
+        assert gp == wp, f"prompt ids differ for {text!r}"
+        assert gt == wt, f"K={layer}, {text!r}: vLLM {gt} != HF vtw.enable {wt}"
+    free, total = _free_blocks(llm)
+    assert free == total, f"{total - free} KV blocks still held after the workload"
+
+
+def test_withdrawal_changes_image_requests(hf):
+    """The comparison above is not vacuous: withdrawal at K = 1 changes some image request's
+    tokens on this model (and never a text-only one's)."""
+    full = _reference(hf, LAYERS)
+    withdrawn = _reference(hf, 1)
+    changed = [(a[1] != b[1]) for a, b in zip(full, withdrawn)]
+    assert any(c for c, (_, s) in zip(changed, PROMPTS) if s is not None)
+    assert not any(c for c, (_, s) in zip(changed, PROMPTS) if s is None)
