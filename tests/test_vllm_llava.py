@@ -23,8 +23,9 @@ import torch  # noqa: E402
 from vtw.vllm import _runner, tiny  # noqa: E402
 
 LAYERS = 4
-NEW = 6
+NEW = 24
 PROMPTS = [  # (text, image seed or None)
+    ("<image> " + " ".join(["describe the shapes and colors"] * 3), 4),
     ("<image> what shape is in the picture", 0),
     ("what color is the square", None),
     ("<image> is there a circle", 1),
@@ -50,8 +51,11 @@ def folder(tmp_path_factory):
 def llm(folder):
     from vllm import LLM
 
-    engine = LLM(str(folder), dtype="float32", distributed_executor_backend="uni", max_model_len=512,
-                 max_num_batched_tokens=32, max_num_seqs=3, seed=0, enable_prefix_caching=True,
+    # blocks of 32 tokens, 6 of them (a 90-token request needs 3): requests get preempted;
+    # prefill chunks of 32 tokens split every image (64 tokens) and leave chunks without text
+    engine = LLM(str(folder), dtype="float32", distributed_executor_backend="uni", max_model_len=160,
+                 max_num_batched_tokens=32, max_num_seqs=4, seed=0, enable_prefix_caching=True,
+                 block_size=32, num_gpu_blocks_override=7,
                  hf_overrides={"vtw_layer": LAYERS // 2, "vtw_kv": "shared"})
     yield engine
     del engine
@@ -135,13 +139,39 @@ def _reference(hf, layer):
 
 
 def _run(llm):
+    """The workload through the engine's step loop: requests arrive over several steps
+    (continuous batching), one extra request is aborted mid-flight, and the KV cache is small
+    enough that requests are preempted and recomputed. Returns (prompt ids, tokens) per prompt
+    and the number of preemptions."""
     from vllm import SamplingParams
 
+    engine = llm.llm_engine
+    sched = engine.engine_core.engine_core.scheduler
+    preempted = []
+    orig = sched._preempt_request
+    sched._preempt_request = lambda req, *a, **k: (preempted.append(req.request_id), orig(req, *a, **k))[1]
     sp = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
-    reqs = [{"prompt": t, **({"multi_modal_data": {"image": _image(s)}} if s is not None else {})}
-            for t, s in PROMPTS]
-    outs = llm.generate(reqs, sp, use_tqdm=False)
-    return [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outs]
+    pending = [(f"r{i}", {"prompt": t, **({"multi_modal_data": {"image": _image(s)}} if s is not None else {})})
+               for i, (t, s) in enumerate(PROMPTS)]
+    pending.insert(2, ("abort-me", {"prompt": "<image> this one is aborted", "multi_modal_data": {"image": _image(9)}}))
+    done, steps = {}, 0
+    try:
+        while pending or engine.has_unfinished_requests():
+            if pending and (steps == 0 or steps % 2 == 1):  # two at first, then one every other step
+                for _ in range(2 if steps == 0 else 1):
+                    if pending:
+                        rid, prompt = pending.pop(0)
+                        engine.add_request(rid, prompt, sp)
+            if steps == 6:
+                engine.abort_request(["abort-me"])
+            for o in engine.step():
+                if o.finished:
+                    done[o.request_id] = (list(o.prompt_token_ids), list(o.outputs[0].token_ids))
+            steps += 1
+            assert steps < 2000
+    finally:
+        sched._preempt_request = orig
+    return [done[f"r{i}"] for i in range(len(PROMPTS))], len(preempted)
 
 
 def _free_blocks(llm):
@@ -161,13 +191,14 @@ def test_engine_start_adjustments(llm):
 def test_tokens_equal_withdrawn_hf_model(llm, hf, layer):
     _runner.set_layer(_runner_of(llm), layer)
     try:
-        got = _run(llm)
+        got, preempted = _run(llm)
     finally:
         _runner.set_layer(_runner_of(llm), LAYERS // 2)
     want = _reference(hf, layer)
     for (gp, gt), (wp, wt), (text, _) in zip(got, want, PROMPTS):
         assert gp == wp, f"prompt ids differ for {text!r}"
         assert gt == wt, f"K={layer}, {text!r}: vLLM {gt} != HF vtw.enable {wt}"
+    assert preempted > 0, f"the workload was meant to preempt a request ({_free_blocks(llm)} blocks)"
     free, total = _free_blocks(llm)
     assert free == total, f"{total - free} KV blocks still held after the workload"
 

@@ -82,3 +82,18 @@ def build_llava(folder, seed: int = 0, **kw) -> Path:
         g.pop("eos_token_id", None)
         gen.write_text(json.dumps(g))
     return folder
+
+
+def build_llama(folder, seed: int = 0, layers: int = 2) -> Path:
+    """A random tiny text-only Llama (a family vtw.vllm does not withdraw in)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from vtw.embedded import build
+
+    folder = Path(folder)
+    cfg = llava_config(layers=layers).text_config
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    build.tokenizer().save_pretrained(folder)
+    return folder

@@ -1,0 +1,92 @@
+"""vtw.vllm refuses at engine start what it cannot honour, with an error that says what to change,
+and leaves an engine without vtw_layer (or with K = L) exactly as stock vLLM configures it.
+These build the engine's config only (no model load)."""
+
+import os
+
+import pytest
+
+pytest.importorskip("vllm")
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from vtw.vllm import _version, tiny  # noqa: E402
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return str(tiny.build_llava(tmp_path_factory.mktemp("llava"), layers=LAYERS))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return str(tiny.build_llama(tmp_path_factory.mktemp("llama")))
+
+
+def _config(model, **overrides):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=model, dtype="float32", max_model_len=256, distributed_executor_backend="uni",
+                      hf_overrides=overrides)
+    return args.create_engine_config()
+
+
+@pytest.mark.parametrize("layer", [-1, LAYERS + 1])
+def test_layer_out_of_range(llava, layer):
+    with pytest.raises(Exception, match=r"vtw_layer must be in \[0, 4\]"):
+        _config(llava, vtw_layer=layer, vtw_kv="shared")
+
+
+def test_layer_not_an_int(llava):
+    with pytest.raises(Exception, match="vtw_layer must be an int"):
+        _config(llava, vtw_layer="2", vtw_kv="shared")
+
+
+def test_unknown_kv_mode(llava):
+    with pytest.raises(Exception, match="vtw_kv must be one of"):
+        _config(llava, vtw_layer=2, vtw_kv="compact")
+
+
+@pytest.mark.parametrize("kv", [None, "text_only"])
+def test_text_only_not_implemented_says_what_to_pass(llava, kv):
+    extra = {} if kv is None else {"vtw_kv": kv}
+    with pytest.raises(Exception, match='"vtw_kv": "shared"'):
+        _config(llava, vtw_layer=2, **extra)
+
+
+def test_kv_without_layer(llava):
+    with pytest.raises(Exception, match="vtw_kv but no vtw_layer"):
+        _config(llava, vtw_kv="shared")
+
+
+def test_unknown_family(llama):
+    with pytest.raises(Exception, match="knows only"):
+        _config(llama, vtw_layer=1, vtw_kv="shared")
+
+
+def test_unsupported_vllm_version(llava, monkeypatch):
+    monkeypatch.setattr(_version, "installed", lambda: "0.31.0")
+    with pytest.raises(Exception, match="written for vLLM 0.32.0"):
+        _config(llava, vtw_layer=2, vtw_kv="shared")
+
+
+def test_stock_without_vtw_layer(llava):
+    cfg = _config(llava)
+    assert cfg.cache_config.enable_prefix_caching  # vLLM's CPU default, untouched
+    assert not cfg.model_config.enforce_eager
+
+
+def test_stock_with_layer_equal_to_depth(llava):
+    cfg = _config(llava, vtw_layer=LAYERS, vtw_kv="shared")
+    assert cfg.cache_config.enable_prefix_caching
+    assert not cfg.model_config.enforce_eager
+
+
+def test_withdrawal_turns_prefix_caching_and_compilation_off(llava):
+    cfg = _config(llava, vtw_layer=2, vtw_kv="shared")
+    assert not cfg.cache_config.enable_prefix_caching
+    assert cfg.model_config.enforce_eager
