@@ -17,29 +17,14 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vtw.vllm import _runner, tiny  # noqa: E402
 
 LAYERS = 4
 NEW = 24
-PROMPTS = [  # (text, image seed or None)
-    ("<image> " + " ".join(["describe the shapes and colors"] * 3), 4),
-    ("<image> what shape is in the picture", 0),
-    ("what color is the square", None),
-    ("<image> is there a circle", 1),
-    ("how many shapes", None),
-    ("<image> where is the red shape in the grid of the picture now", 2),
-    ("<image> yes", 3),
-]
-
-
-def _image(seed):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+PROMPTS = tiny.PROMPTS
+_image = tiny.image
 
 
 @pytest.fixture(scope="module")
@@ -139,45 +124,10 @@ def _reference(hf, layer):
 
 
 def _run(llm):
-    """The workload through the engine's step loop: requests arrive over several steps
-    (continuous batching), one extra request is aborted mid-flight, and the KV cache is small
-    enough that requests are preempted and recomputed. Returns (prompt ids, tokens) per prompt
-    and the number of preemptions."""
-    from vllm import SamplingParams
-
-    engine = llm.llm_engine
-    sched = engine.engine_core.engine_core.scheduler
-    preempted = []
-    orig = sched._preempt_request
-    sched._preempt_request = lambda req, *a, **k: (preempted.append(req.request_id), orig(req, *a, **k))[1]
-    sp = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
-    pending = [(f"r{i}", {"prompt": t, **({"multi_modal_data": {"image": _image(s)}} if s is not None else {})})
-               for i, (t, s) in enumerate(PROMPTS)]
-    pending.insert(2, ("abort-me", {"prompt": "<image> this one is aborted", "multi_modal_data": {"image": _image(9)}}))
-    done, steps = {}, 0
-    try:
-        while pending or engine.has_unfinished_requests():
-            if pending and (steps == 0 or steps % 2 == 1):  # two at first, then one every other step
-                for _ in range(2 if steps == 0 else 1):
-                    if pending:
-                        rid, prompt = pending.pop(0)
-                        engine.add_request(rid, prompt, sp)
-            if steps == 6:
-                engine.abort_request(["abort-me"])
-            for o in engine.step():
-                if o.finished:
-                    done[o.request_id] = (list(o.prompt_token_ids), list(o.outputs[0].token_ids))
-            steps += 1
-            assert steps < 2000
-    finally:
-        sched._preempt_request = orig
-    return [done[f"r{i}"] for i in range(len(PROMPTS))], len(preempted)
+    return tiny.run_workload(llm, NEW)
 
 
-def _free_blocks(llm):
-    sched = llm.llm_engine.engine_core.engine_core.scheduler
-    pool = sched.kv_cache_manager.block_pool
-    return pool.get_num_free_blocks(), pool.num_gpu_blocks - 1
+_free_blocks = tiny.free_blocks
 
 
 def test_engine_start_adjustments(llm):

@@ -97,3 +97,65 @@ def build_llama(folder, seed: int = 0, layers: int = 2) -> Path:
     LlamaForCausalLM(cfg).eval().save_pretrained(folder)
     build.tokenizer().save_pretrained(folder)
     return folder
+
+
+# A workload for the tests and the TP check: image and text-only requests of several lengths.
+PROMPTS = [  # (text, image seed or None)
+    ("<image> " + " ".join(["describe the shapes and colors"] * 3), 4),
+    ("<image> what shape is in the picture", 0),
+    ("what color is the square", None),
+    ("<image> is there a circle", 1),
+    ("how many shapes", None),
+    ("<image> where is the red shape in the grid of the picture now", 2),
+    ("<image> yes", 3),
+]
+
+
+def image(seed: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+
+
+def run_workload(llm, new_tokens: int, prompts=PROMPTS):
+    """Runs `prompts` through the engine's step loop: requests arrive over several steps
+    (continuous batching) and one extra request is aborted mid-flight; counts preemptions.
+    Returns ([(prompt ids, generated ids)] in the order of `prompts`, number of preemptions)."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    sched = engine.engine_core.engine_core.scheduler
+    preempted = []
+    orig = sched._preempt_request
+    sched._preempt_request = lambda req, *a, **k: (preempted.append(req.request_id), orig(req, *a, **k))[1]
+    sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    pending = [(f"r{i}", {"prompt": t, **({"multi_modal_data": {"image": image(s)}} if s is not None else {})})
+               for i, (t, s) in enumerate(prompts)]
+    pending.insert(2, ("abort-me", {"prompt": "<image> this one is aborted", "multi_modal_data": {"image": image(9)}}))
+    done, steps = {}, 0
+    try:
+        while pending or engine.has_unfinished_requests():
+            if pending and (steps == 0 or steps % 2 == 1):  # two at first, then one every other step
+                for _ in range(2 if steps == 0 else 1):
+                    if pending:
+                        rid, prompt = pending.pop(0)
+                        engine.add_request(rid, prompt, sp)
+            if steps == 6:
+                engine.abort_request(["abort-me"])
+            for o in engine.step():
+                if o.finished:
+                    done[o.request_id] = (list(o.prompt_token_ids), list(o.outputs[0].token_ids))
+            steps += 1
+            if steps > 5000:
+                raise RuntimeError("vtw.vllm.tiny.run_workload: the engine did not finish")
+    finally:
+        sched._preempt_request = orig
+    return [done[f"r{i}"] for i in range(len(prompts))], len(preempted)
+
+
+def free_blocks(llm):
+    """(free KV blocks, usable KV blocks) of the engine's scheduler (in-process engine core)."""
+    pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+    return pool.get_num_free_blocks(), pool.num_gpu_blocks - 1
