@@ -119,7 +119,8 @@ def image(seed: int):
     return Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
 
 
-def run_workload(llm, new_tokens: int, prompts=PROMPTS):
+def run_workload(llm, new_tokens: int, prompts=PROMPTS, image=image,
+                 aborted=("<image> this one is aborted", 9)):
     """Runs `prompts` through the engine's step loop: requests arrive over several steps
     (continuous batching) and one extra request is aborted mid-flight; counts preemptions.
     Returns ([(prompt ids, generated ids)] in the order of `prompts`, number of preemptions)."""
@@ -133,7 +134,7 @@ def run_workload(llm, new_tokens: int, prompts=PROMPTS):
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     pending = [(f"r{i}", {"prompt": t, **({"multi_modal_data": {"image": image(s)}} if s is not None else {})})
                for i, (t, s) in enumerate(prompts)]
-    pending.insert(2, ("abort-me", {"prompt": "<image> this one is aborted", "multi_modal_data": {"image": image(9)}}))
+    pending.insert(2, ("abort-me", {"prompt": aborted[0], "multi_modal_data": {"image": image(aborted[1])}}))
     done, steps = {}, 0
     try:
         while pending or engine.has_unfinished_requests():
@@ -159,3 +160,76 @@ def free_blocks(llm):
     """(free KV blocks, usable KV blocks) of the engine's scheduler (in-process engine core)."""
     pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
     return pool.get_num_free_blocks(), pool.num_gpu_blocks - 1
+
+
+# Tiny Qwen2-VL: the embedded vocabulary plus Qwen's vision tokens, M-RoPE (sections 4, 6, 6 of a
+# 32-wide head), a one-block vision tower; pictures of 56..112 pixels: 4..16 image tokens.
+QWEN_VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def build_qwen2_vl(folder, seed: int = 0, layers: int = 4) -> Path:
+    """Writes a random tiny Qwen2-VL (float32) with its tokenizer and processor to `folder`."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from vtw.embedded import build
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = dict(build.vocabulary())
+    for t in QWEN_VISION:
+        vocab[t] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.add_special_tokens({"additional_special_tokens": QWEN_VISION})
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
+                         initializer_range=0.3, bos_token_id=build.BOS_ID, eos_token_id=build.EOS_ID,
+                         pad_token_id=build.PAD_ID, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, in_channels=3),
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model.save_pretrained(folder)
+    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                                  temporal_patch_size=2)
+    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=fast, video_processor=Qwen2VLVideoProcessor(),
+                            chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    proc.save_pretrained(folder)
+    gen = folder / "generation_config.json"
+    if gen.exists():
+        g = json.loads(gen.read_text())
+        g.pop("eos_token_id", None)
+        gen.write_text(json.dumps(g))
+    return folder
+
+
+QWEN_PROMPTS = [
+    ("describe the shapes and colors " + QWEN_IMAGE + " " + " ".join(["where is the red shape"] * 3), 0),
+    (QWEN_IMAGE + " what shape is in the picture", 1),
+    ("what color is the square", None),
+    ("is there " + QWEN_IMAGE + " a circle", 2),
+    ("how many shapes", None),
+    (QWEN_IMAGE + " yes", 3),
+]
+
+
+def qwen_image(seed: int):
+    """Pictures of different sizes (different M-RoPE grids)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = [(112, 112), (56, 112), (112, 84), (84, 56), (56, 56)][seed % 5]
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))

@@ -1,0 +1,146 @@
+"""vtw.vllm on a tiny Qwen2-VL (random weights, built locally; M-RoPE): the engine's greedy
+tokens equal those of the withdrawn model recomputed cache-free on the Hugging Face modules at
+every step (the deep layers get the text tokens' original [3, N] positions), in a continuously
+batched, chunked-prefill, preempting workload mixing image (several sizes) and text-only
+requests, for K = 0, 1, L/2, L-1 and L; every KV block is free afterwards."""
+
+import os
+
+import pytest
+
+pytest.importorskip("vllm")
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import torch  # noqa: E402
+
+from vtw.vllm import _runner, tiny  # noqa: E402
+
+LAYERS = 4
+NEW = 24
+PROMPTS = tiny.QWEN_PROMPTS
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny.build_qwen2_vl(tmp_path_factory.mktemp("tiny_qwen2_vl"), layers=LAYERS)
+
+
+@pytest.fixture(scope="module")
+def llm(folder):
+    from vllm import LLM
+
+    # blocks of 32 tokens, 4 usable: the longest request needs 2-3; chunks of 16 tokens split images
+    engine = LLM(str(folder), dtype="float32", distributed_executor_backend="uni", max_model_len=96,
+                 max_num_batched_tokens=16, max_num_seqs=4, seed=0, block_size=32, num_gpu_blocks_override=5,
+                 limit_mm_per_prompt={"image": 1, "video": 0},
+                 hf_overrides={"vtw_layer": LAYERS // 2, "vtw_kv": "shared"})
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def hf(folder):
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
+                                                            attn_implementation="sdpa").eval()
+    return model, AutoProcessor.from_pretrained(folder)
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _lm_inputs(model, inputs):
+    """What HF's Qwen2-VL passes its language model: embeddings and the [3, 1, S] M-RoPE positions."""
+    got = {}
+
+    def hook(mod, args, kwargs):
+        got["e"], got["p"] = kwargs["inputs_embeds"], kwargs["position_ids"]
+        raise _Stop
+
+    h = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(**inputs)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    pos = got["p"]
+    if pos is None:  # a text-only prompt: HF's text model counts positions itself (0..S-1 on every stream)
+        pos = torch.arange(got["e"].shape[1]).view(1, 1, -1).expand(3, 1, -1)
+    if pos.ndim == 3 and pos.shape[0] == 4:  # text positions first
+        pos = pos[1:]
+    return got["e"], pos
+
+
+@torch.no_grad()
+def _withdrawn_next(model, inputs, layer):
+    lm = model.model.language_model
+    h, pos = _lm_inputs(model, inputs)
+    ids = inputs["input_ids"][0]
+    for i in range(layer):
+        h = lm.layers[i](h, attention_mask=None, position_embeddings=lm.rotary_emb(h, pos))
+    if layer < len(lm.layers):
+        keep = (ids != model.config.image_token_id) & (ids != model.config.video_token_id)
+        if not keep[-1]:
+            return int(model.lm_head(lm.norm(h[:, -1:]))[0, -1].argmax())
+        h, pos = h[:, keep], pos[:, :, keep]
+        for i in range(layer, len(lm.layers)):
+            h = lm.layers[i](h, attention_mask=None, position_embeddings=lm.rotary_emb(h, pos))
+    return int(model.lm_head(lm.norm(h[:, -1:]))[0, -1].argmax())
+
+
+def _reference(hf, layer):
+    model, proc = hf
+    out = []
+    for text, seed in PROMPTS:
+        inputs = dict(proc(text=text, images=tiny.qwen_image(seed) if seed is not None else None,
+                           return_tensors="pt"))
+        prompt = inputs["input_ids"][0].tolist()
+        toks = []
+        for _ in range(NEW):
+            t = _withdrawn_next(model, inputs, layer)
+            toks.append(t)
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([[t]])], 1)
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+            if "mm_token_type_ids" in inputs:
+                inputs["mm_token_type_ids"] = torch.cat(
+                    [inputs["mm_token_type_ids"], torch.zeros(1, 1, dtype=inputs["mm_token_type_ids"].dtype)], 1)
+        out.append((prompt, toks))
+    return out
+
+
+def _runner_of(llm):
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+
+
+@pytest.mark.parametrize("layer", [LAYERS // 2, 0, 1, LAYERS - 1, LAYERS])
+def test_tokens_equal_withdrawn_model(llm, hf, layer):
+    _runner.set_layer(_runner_of(llm), layer)
+    try:
+        got, preempted = tiny.run_workload(llm, NEW, PROMPTS, image=tiny.qwen_image,
+                                           aborted=(tiny.QWEN_IMAGE + " this one is aborted", 4))
+    finally:
+        _runner.set_layer(_runner_of(llm), LAYERS // 2)
+    want = _reference(hf, layer)
+    for (gp, gt), (wp, wt), (text, _) in zip(got, want, PROMPTS):
+        assert gp == wp, f"prompt ids differ for {text!r}"
+        assert gt == wt, f"K={layer}, {text!r}: vLLM {gt} != reference {wt}"
+    assert preempted > 0, "the workload was meant to preempt a request"
+    free, total = tiny.free_blocks(llm)
+    assert free == total, f"{total - free} KV blocks still held after the workload"
+
+
+def test_withdrawal_changes_image_requests(hf):
+    full, withdrawn = _reference(hf, LAYERS), _reference(hf, 1)
+    assert any(a[1] != b[1] for a, b, (_, s) in zip(full, withdrawn, PROMPTS) if s is not None)
+    # a text-only request is untouched unless it generates a visual token id (withdrawn too, as in
+    # vtw.enable; random weights do generate them)
+    visual = {hf[0].config.image_token_id, hf[0].config.video_token_id}
+    assert all(a[1] == b[1] for a, b, (_, s) in zip(full, withdrawn, PROMPTS)
+               if s is None and not visual & set(a[1]))
