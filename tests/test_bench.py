@@ -94,7 +94,11 @@ def test_flops_match_torch_flop_counter(K):
             vtw.enable(model, k)
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             model(**inputs, use_cache=True, logits_to_keep=1)
-        counted[k] = fc.get_total_flops()
+        # The rotary tables are not in VTW.md's formula (transformers 5.17 builds them with a
+        # small matmul, counted here; later releases with elementwise products, not counted).
+        rotary = sum(n for mod, ops in fc.get_flop_counts().items() if mod.endswith("rotary_emb")
+                     for n in ops.values())
+        counted[k] = fc.get_total_flops() - rotary
     vtw.disable(model)
     fixed = bench.vision_flops(TINY) + bench.head_flops(TINY)
     assert counted[None] == 2 * B * (bench.decoder_flops(TINY, n_all, n_text, None) + fixed)

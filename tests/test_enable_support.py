@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import vtw
-from vtw.compat.transformers import cache_kwargs
+from vtw.compat.transformers import VIDEO_LLAVA_IMAGES_KW, cache_kwargs, onevision_video_tokens
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -384,8 +384,8 @@ def video_llava_case(attn: str = "sdpa", seed: int = 0, layers: int = 4) -> Case
 
     def mm(images=0, videos=0):
         out = {}
-        if images:
-            out["pixel_values"] = torch.randn(images, 3, 8, 8, generator=g)
+        if images:  # the keyword is pixel_values_images in transformers 5.17
+            out[VIDEO_LLAVA_IMAGES_KW] = torch.randn(images, 3, 8, 8, generator=g)
         if videos:
             out["pixel_values_videos"] = torch.randn(videos, F, 3, 8, 8, generator=g)
         return out
@@ -399,7 +399,7 @@ def video_llava_case(attn: str = "sdpa", seed: int = 0, layers: int = 4) -> Case
 
     def batch_mm(ss):
         out = {}
-        for key in ("pixel_values", "pixel_values_videos"):
+        for key in (VIDEO_LLAVA_IMAGES_KW, "pixel_values_videos"):
             parts = [s.mm[key] for s in ss if key in s.mm]
             if parts:
                 out[key] = torch.cat(parts)
@@ -442,9 +442,7 @@ def llava_onevision_case(attn: str = "sdpa", seed: int = 0, layers: int = 4) -> 
 
     def video(frames):
         pv = torch.randn(1, frames, 3, 8, 8, generator=g)
-        with torch.no_grad():
-            n = model.model.get_video_features(pv).pooler_output.shape[1]
-        return pv, n
+        return pv, onevision_video_tokens(model, pv)
 
     def sample(parts):
         ids, pvs, sizes, vids = [], [], [], []

@@ -16,8 +16,15 @@ place. The rest of vtw and its tests use these names instead of testing versions
   cache-free recomputation for such rows; 5.24 is exact). Rows with one picture each are
   expanded correctly by every release.
 
-The version is read from the library itself (the signature of ``create_causal_mask``), not
-from its version string, so a patch release that backports the rename is handled too.
+- **Video-LLaVA's image argument**: ``pixel_values_images`` in 5.17, ``pixel_values`` from 5.18
+  (:data:`VIDEO_LLAVA_IMAGES_KW`, read from the model's signature).
+- **LLaVA-OneVision's video features**: 5.17 appends the image-newline feature to each video in
+  the model's forward, after ``get_video_features``; from 5.18 ``get_video_features`` returns it
+  already. :func:`onevision_video_tokens` gives the number of video tokens a video needs on
+  either.
+
+Where a signature shows the difference it is read from the library itself, not from the
+version string, so a patch release that backports a change is handled too.
 """
 
 from __future__ import annotations
@@ -59,3 +66,26 @@ def create_causal_mask(config, inputs_embeds, attention_mask, cache, **kwargs):
     """``transformers.masking_utils.create_causal_mask`` with the cache passed positionally (its
     fourth parameter in every release; only its name changed)."""
     return _mu.create_causal_mask(config, inputs_embeds, attention_mask, cache, **kwargs)
+
+
+def _video_llava_images_kw() -> str:
+    try:
+        from transformers import VideoLlavaForConditionalGeneration
+    except ImportError:  # pragma: no cover  (every supported release has it)
+        return "pixel_values"
+    params = inspect.signature(VideoLlavaForConditionalGeneration.forward).parameters
+    return "pixel_values_images" if "pixel_values_images" in params else "pixel_values"
+
+
+#: The keyword of Video-LLaVA's still images: "pixel_values_images" (5.17) or "pixel_values".
+VIDEO_LLAVA_IMAGES_KW: str = _video_llava_images_kw()
+
+
+def onevision_video_tokens(model, pixel_values_videos) -> int:
+    """Video tokens one LLaVA-OneVision video of ``pixel_values_videos`` ([1, frames, C, H, W])
+    takes in the prompt: the pooled features of its frames and one image-newline feature."""
+    import torch
+
+    with torch.no_grad():
+        n = model.model.get_video_features(pixel_values_videos).pooler_output.shape[1]
+    return n + 1 if VERSION < (5, 18) else n
