@@ -239,3 +239,21 @@ def make_mask(kind: str, B: int, S: int, g: torch.Generator) -> torch.Tensor:
     if kind == "strided":  # a non-contiguous mask
         return (torch.rand(2 * B, 3 * S + 1, generator=g) < 0.5)[::2, 1::3][:, :S]
     raise AssertionError(kind)
+
+
+def run_triton_aot(script: str, tmp_path, *args: str, timeout: int = 900):
+    """Starts `script` (Python source) in a fresh interpreter for an ahead-of-time Triton
+    compile: without TRITON_INTERPRET (under the interpreter, @triton.jit gives functions the
+    compiler cannot lower) and with an empty Triton cache of its own (TRITON_CACHE_DIR in
+    `tmp_path`), so that no earlier compile, on this machine or in ~/.triton, answers for it.
+    Returns the Popen; read it with .communicate()."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / f"triton-cache-{len(list(tmp_path.glob('triton-cache-*')))}"
+    cache.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(cache)
+    return subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)

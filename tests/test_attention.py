@@ -529,54 +529,102 @@ def test_gpu_compile():
 
 
 # ----------------------------------------------------------------------------------------------
-# Ahead-of-time GPU compilation (no GPU needed): the kernels compile for sm_90a, and ptxas
-# reports no register spills for the configurations the launchers pick.
+# Ahead-of-time GPU compilation (no GPU needed): every configuration the launchers pick
+# (tri.varlen_config, tri.decode_config, tri.reduce_config) compiles for sm_90a, and ptxas reports
+# no register spills for any of them.
 # ----------------------------------------------------------------------------------------------
 
+_AOT_SCRIPT = r"""
+import json, os, re, subprocess, sys, tempfile
+import torch
+from vtw_kernels.compat import triton as ct
+from vtw_kernels.triton import attention as tri
 
-def _ptxas_spills(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int) -> int:
-    import os
-    import re
-    import subprocess
-    import tempfile
+ptxas = ct.bundled_ptxas()
+if ptxas is None:
+    print("NOPTXAS"); sys.exit(0)
+TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK_DS = (64, 128, 256)  # every supported head dim pads to one of these
+PADDED = {64: 64, 128: 80, 256: 144}  # the smallest head dim padded to each
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("Triton's bundled ptxas is not here")
-    from triton.runtime.jit import JITFunction
-
-    if not isinstance(kernel, JITFunction):  # under TRITON_INTERPRET=1 @triton.jit gives an interpreter object
-        kernel = JITFunction(kernel.fn)
-    sig = dict(signature)
-    sig.update({k: "constexpr" for k in constexprs})
-    compiled = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+def report(kernel_name, config, kernel, sig, cst, warps, stages):
+    compiled = ct.aot_compile(kernel, sig, cst, num_warps=warps, num_stages=stages)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
-    report = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                            capture_output=True, text=True, check=True).stderr
+    rep = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                         capture_output=True, text=True, check=True).stderr
     os.unlink(f.name)
-    return int(re.findall(r"(\d+) bytes spill stores", report)[0])
+    print(json.dumps(dict(kernel=kernel_name, config=config,
+                          registers=int(re.findall(r"Used (\d+) registers", rep)[0]),
+                          spill=int(re.findall(r"(\d+) bytes spill stores", rep)[0]))), flush=True)
 
 
-def test_gpu_kernels_compile_for_sm90_without_spills():
-    q = torch.empty(1, 1, 128, dtype=torch.bfloat16, device="meta")
-    bm, bn, warps, stages = tri._varlen_blocks(q, 128)
-    varlen_sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "CU_Q": "*i32", "CU_K": "*i32",
-                  "Tq": "i32", "Tk": "i32", "qk_scale": "fp32",
-                  **{n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
-                                        "stride_ot", "stride_oh")}}
-    cst = {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": True,
-           "PRECISION": None, "OFFS_64": False}
-    assert _ptxas_spills(tri._varlen_fwd_kernel, varlen_sig, cst, warps, stages) == 0
-    decode_sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "LENS": "*i32", "O": "*bf16", "M_PART": "*fp32",
-                  "L_PART": "*fp32", "ACC_PART": "*fp32", "S_cap": "i32", "chunk": "i32", "qk_scale": "fp32",
-                  **{n: "i32" for n in ("stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
-                                        "stride_vh", "stride_vs", "stride_ob", "stride_oh")}}
-    cst = {"GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_N": 64, "NUM_SPLITS": 8,
-           "PRECISION": None, "OFFS_64": False}
-    assert _ptxas_spills(tri._decode_split_kernel, decode_sig, cst, 4, 2) == 0
+def varlen():
+    for dtype in DTYPES:
+        t = "*" + TY[dtype]
+        sig = {"Q": t, "K": t, "V": t, "O": t, "CU_Q": "*i32", "CU_K": "*i32", "Tq": "i32", "Tk": "i32",
+               "qk_scale": "fp32", **{n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh",
+                                                       "stride_vt", "stride_vh", "stride_ot", "stride_oh")}}
+        for block_d in BLOCK_DS:
+            bm, bn, warps, stages = tri.varlen_config(dtype, block_d)
+            for causal in (True, False):  # a full head dim, then a padded one (masked lanes)
+                d = block_d if causal else PADDED[block_d]
+                cst = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
+                           PRECISION=tri._precision(dtype), OFFS_64=False)
+                report("varlen", f"{TY[dtype]} D={d} causal={causal} {bm}x{bn} warps={warps} "
+                       f"stages={stages}", tri._varlen_fwd_kernel, sig, cst, warps, stages)
+
+
+def decode():
+    for dtype in DTYPES:
+        t = "*" + TY[dtype]
+        sig = {"Q": t, "K": t, "V": t, "LENS": "*i32", "O": t, "M_PART": "*fp32", "L_PART": "*fp32",
+               "ACC_PART": "*fp32", "S_cap": "i32", "chunk": "i32", "qk_scale": "fp32",
+               **{n: "i32" for n in ("stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_ks",
+                                     "stride_vb", "stride_vh", "stride_vs", "stride_ob", "stride_oh")}}
+        for block_d in BLOCK_DS:
+            bn, warps, stages = tri.decode_config(dtype, block_d)
+            for splits in (1, 8):
+                d = block_d if splits == 1 else PADDED[block_d]
+                cst = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=bn, NUM_SPLITS=splits,
+                           PRECISION=tri._precision(dtype), OFFS_64=False)
+                report("decode", f"{TY[dtype]} D={d} splits={splits} BLOCK_N={bn} warps={warps} "
+                       f"stages={stages}", tri._decode_split_kernel, sig, cst, warps, stages)
+    sig = {"LENS": "*i32", "O": "*bf16", "M_PART": "*fp32", "L_PART": "*fp32", "ACC_PART": "*fp32",
+           "S_cap": "i32", "stride_ob": "i32", "stride_oh": "i32"}
+    for block_d in BLOCK_DS:
+        block_s, block_c, warps = tri.reduce_config(block_d, 128)  # 128 splits: the launcher's maximum
+        cst = dict(HEAD_DIM=block_d, BLOCK_D=block_d, NUM_SPLITS=128, BLOCK_S=block_s, BLOCK_C=block_c)
+        report("merge", f"BLOCK_D={block_d} splits=128 BLOCK_C={block_c} warps={warps}", tri._decode_reduce_kernel,
+               sig, cst, warps, 1)
+
+
+{"varlen": varlen, "decode": decode}[sys.argv[1]]()
+print("OK")
+"""
+
+
+def test_gpu_kernels_compile_for_sm90_without_spills(tmp_path):
+    """Compiles every launcher configuration ahead of time for Hopper, in fresh processes
+    without TRITON_INTERPRET and with empty Triton caches of their own (so the result never
+    depends on ~/.triton), and asks ptxas for registers and spills. Two processes, one per
+    group of kernels, run side by side."""
+    import json
+
+    from _refs import run_triton_aot
+
+    procs = [run_triton_aot(_AOT_SCRIPT, tmp_path, part) for part in ("varlen", "decode")]
+    rows = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=1800)
+        if out.startswith("NOPTXAS"):
+            pytest.skip("Triton's bundled ptxas is not here")
+        assert proc.returncode == 0 and out.rstrip().endswith("OK"), out[-2000:] + err[-4000:]
+        rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    table = "\n".join(f"{r['kernel']:7} {r['config']:55} {r['registers']:4} registers {r['spill']:5} bytes spilled"
+                      for r in rows)
+    print(table)
+    assert len(rows) == 18 + 18 + 3, table
+    assert all(r["spill"] == 0 for r in rows), "register spills on sm_90a:\n" + table

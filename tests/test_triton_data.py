@@ -389,3 +389,82 @@ def test_triton_kernels_compile_for_sm90():
     if proc.stdout.startswith("NOAPI"):
         pytest.skip(f"this Triton has no ahead-of-time compilation API: {proc.stdout.strip()}")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+# ------------------------------------------------------------------------------- device guard
+
+def test_every_triton_launch_is_guarded_by_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': every launcher must enter
+    on_device(tensor) around its launches. Without a GPU this checks that the guard is entered
+    with the op's own tensor for each of the four ops (and that on_device builds the right CUDA
+    guard); test_gpu_launch_on_a_device_that_is_not_current runs it for real on two GPUs."""
+    import contextlib
+
+    from vtw_kernels.triton import _device, attention
+
+    entered = []
+
+    def recording(t):
+        entered.append(t)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(data, "on_device", recording)
+    monkeypatch.setattr(attention, "on_device", recording)
+    gen = torch.Generator().manual_seed(0)
+    hidden = random_bits((2, 5, 8), torch.float16, gen)
+    mask = (torch.rand(2, 5, generator=gen) < 0.5).to(DEVICE)
+    data.withdraw(hidden, mask, 5)
+    assert entered and entered[-1] is hidden
+    k, v = random_bits((2, 1, 6, 4), torch.float16, gen), random_bits((2, 1, 6, 4), torch.float16, gen)
+    data.compact_kv_([k], [v], mask)
+    assert entered[-1] is mask
+    q = torch.randn(5, 2, 64, generator=gen).to(DEVICE)
+    kk = torch.randn(5, 1, 64, generator=gen).to(DEVICE)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=DEVICE)
+    attention.varlen_attention(q, kk, kk, cu, cu, 3, 3)
+    assert entered[-1] is q
+    qd = torch.randn(2, 2, 64, generator=gen).to(DEVICE)
+    kc = torch.randn(2, 1, 40, 64, generator=gen).to(DEVICE)
+    attention.decode_attention(qd, kc, kc, torch.tensor([40, 3], dtype=torch.int32, device=DEVICE))
+    assert entered[-1] is qd
+    assert len(entered) == 4
+
+    class OnCuda1:
+        device = torch.device("cuda", 1)
+
+    guard = _device.on_device(OnCuda1())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # built without touching CUDA
+    assert isinstance(_device.on_device(torch.empty(0)), contextlib.nullcontext)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_launch_on_a_device_that_is_not_current():
+    # Tensors on cuda:1 while cuda:0 is current: every Triton op must run on cuda:1 and agree
+    # with the same op on cuda:0.
+    from vtw_kernels.triton import attention
+
+    gen = torch.Generator().manual_seed(1)
+    hidden = random_bits((3, 40, 64), torch.bfloat16, gen).cpu()
+    mask = torch.rand(3, 40, generator=gen) < 0.5
+    kv = random_bits((2, 3, 4, 48, 64), torch.float16, gen).cpu()
+    q = torch.randn(30, 4, 128, generator=gen, dtype=torch.float16)
+    k = torch.randn(30, 2, 128, generator=gen, dtype=torch.float16)
+    cu = torch.tensor([0, 10, 30], dtype=torch.int32)
+    qd = torch.randn(3, 4, 128, generator=gen, dtype=torch.float16)
+    kc = torch.randn(3, 2, 300, 128, generator=gen, dtype=torch.float16)
+    lens = torch.tensor([300, 7, 150], dtype=torch.int32)
+    results = {}
+    for dev in ("cuda:0", "cuda:1"):
+        with torch.cuda.device(0):
+            d = torch.device(dev)
+            kvd = kv.to(d)
+            new_lens = data.compact_kv_([kvd[0]], [kvd[1]], mask.to(d))
+            out = [*data.withdraw(hidden.to(d), mask.to(d), 40), new_lens, kvd,
+                   attention.varlen_attention(q.to(d), k.to(d), k.to(d), cu.to(d), cu.to(d), 20, 20),
+                   attention.decode_attention(qd.to(d), kc.to(d), kc.to(d), lens.to(d))]
+            torch.cuda.synchronize(d)
+            assert all(t.device == d for t in out)
+            results[dev] = [bits(t).cpu() for t in out]
+    for a, b in zip(results["cuda:0"], results["cuda:1"]):
+        assert torch.equal(a, b)

@@ -7,8 +7,12 @@ synchronise with the device.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch._subclasses.fake_tensor import is_fake
+
+from .compat import torch as _torch_compat
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -59,7 +63,7 @@ def check_withdraw(hidden: torch.Tensor, visual_mask: torch.Tensor, num_keep) ->
     if num_keep is not None:
         if isinstance(num_keep, bool) or not isinstance(num_keep, (int, torch.SymInt)):
             raise TypeError(f"{op}: num_keep must be an int or None, got {type(num_keep).__name__}")
-        torch._check(num_keep >= 0, lambda: f"{op}: num_keep must be >= 0, got {num_keep}")
+        _torch_compat.check(num_keep >= 0, lambda: f"{op}: num_keep must be >= 0, got {num_keep}")
 
 
 def num_keep_error(num_keep: int, row: int, kept: int) -> ValueError:
@@ -69,15 +73,98 @@ def num_keep_error(num_keep: int, row: int, kept: int) -> ValueError:
     )
 
 
-def _start_of_data(t: torch.Tensor):
-    """Where t's data starts, to tell cache tensors apart: its data pointer, as checks.h compares;
-    for a fake tensor (torch.compile, opcheck), which has no memory and whose data_ptr() is the
-    same for every tensor, its storage and byte offset instead (a symbolic offset by its
-    expression: only a provably equal start is caught here, the C++ check sees the rest)."""
-    if is_fake(t):
-        offset = t.storage_offset() * t.element_size()
-        return ("fake", t.untyped_storage()._cdata, offset if isinstance(offset, int) else str(offset))
-    return t.data_ptr()
+class _Layout(NamedTuple):
+    """Where a cache tensor's bytes lie, for the overlap checks of compact_kv_ (checks.h makes
+    the same ones): its rows (the contiguous last dimension, `row` bytes each) start at
+    ``base + sum(i_d * stride_d)`` over the dimensions of size > 1 (``dims``: (byte stride,
+    size) pairs in increasing stride order), and every byte is in [base, end). Pure
+    data-pointer and stride arithmetic: nothing is read, nothing synchronises."""
+
+    space: object  # None for real memory, the storage of a fake tensor
+    base: int
+    index: int  # position in keys, then values
+    end: int
+    dims: list
+    row: int
+    name: str
+
+
+def _layout(t: torch.Tensor, name: str, index: int):
+    """The _Layout of a non-empty 4-D cache tensor, or None when it cannot be known: a fake
+    tensor (torch.compile, opcheck) has no memory, so its storage and byte offset stand in for
+    the address when they are concrete; with symbolic ones only the run-time check (the real
+    tensors reach the kernels and their checks) can tell."""
+    esz = t.element_size()
+    sizes, strides = t.shape, t.stride()
+    if type(t) is not torch.Tensor and is_fake(t):  # (is_fake is slow; a plain Tensor is never fake)
+        offset = t.storage_offset()
+        if not all(isinstance(x, int) for x in (*sizes, *strides, offset)):
+            return None
+        space, base = t.untyped_storage()._cdata, offset * esz
+    else:
+        space, base = None, t.data_ptr()
+    dims = sorted((strides[d] * esz, sizes[d]) for d in range(3) if sizes[d] > 1)
+    row = sizes[3] * esz
+    end = base + row
+    for st, n in dims:
+        end += (n - 1) * st
+    return _Layout(space, base, index, end, dims, row, name)
+
+
+def _overlaps_itself(dims, row: int) -> bool:
+    """Whether rows laid out by `dims` may share a byte: True unless, from the smallest stride
+    up, every stride reaches past everything the dimensions inside it span (then no two
+    distinct indices meet). Exact for every layout a cache takes (dense, sliced, transposed,
+    strided, expanded); a contrived interleaving that passes no such nesting is refused too."""
+    extent = row
+    for st, n in dims:
+        if st < extent:
+            return True
+        extent += (n - 1) * st
+    return False
+
+
+def _provably_disjoint(lo: _Layout, hi: _Layout) -> bool:
+    """Whether two tensors whose byte ranges intersect (lo starting first) share no byte. Views
+    of one buffer with the same strides (keys and values halves of a fused cache, layers of one
+    allocation, keys and values side by side in the last dimension) are the union of a pair
+    dimension of stride delta = hi.base - lo.base with their common dimensions; they are
+    disjoint when that union nests as in _overlaps_itself. Other layouts whose ranges intersect
+    cannot be told apart without enumerating every row, and count as overlapping."""
+    if lo.dims != hi.dims:
+        return False
+    delta = hi.base - lo.base
+    e_lo, e_hi = lo.row, hi.row  # what each tensor spans inside the current dimension
+    placed = False
+    for st, n in lo.dims + [(None, 1)]:
+        if not placed and (st is None or delta <= st):
+            if delta < e_lo:  # hi's first block starts inside lo's
+                return False
+            e_lo = e_hi = delta + e_hi
+            placed = True
+        if st is not None:
+            if st < max(e_lo, e_hi):
+                return False
+            e_lo += (n - 1) * st
+            e_hi += (n - 1) * st
+    return True
+
+
+def _check_no_overlap(layouts, op: str) -> None:
+    """Raises naming the first two arguments (in keys-then-values order) that share memory.
+    A sweep over the byte ranges: only tensors whose ranges intersect are compared."""
+    layouts = sorted(layouts, key=lambda x: (x.space is not None, x.space or 0, x.base, x.index))
+    active = []
+    for cur in layouts:
+        active = [a for a in active if a.space == cur.space and a.end > cur.base]
+        for a in active:
+            if not _provably_disjoint(a, cur):
+                first, second = sorted((a, cur), key=lambda x: x.index)
+                raise ValueError(
+                    f"{op}: {first.name} and {second.name} overlap in memory; compact_kv_ moves tokens in place "
+                    "in every cache tensor, so no two of them may share any byte"
+                )
+        active.append(cur)
 
 
 def check_compact_kv(keys, values, visual_mask: torch.Tensor) -> None:
@@ -89,7 +176,7 @@ def check_compact_kv(keys, values, visual_mask: torch.Tensor) -> None:
         )
     B, S = visual_mask.shape
     H = S_cap = None
-    seen = set()
+    layouts = []
     for list_name, ts in (("keys", keys), ("values", values)):
         for i, t in enumerate(ts):
             name = f"{list_name}[{i}]"
@@ -118,22 +205,22 @@ def check_compact_kv(keys, values, visual_mask: torch.Tensor) -> None:
                     f"{op}: {name} must have a contiguous last dimension (stride 1), got strides {list(t.stride())}"
                 )
             # Aliasing checks are not traceable by Dynamo; the fake kernel and, at run time, the
-            # C++ kernels (checks.h) make them under torch.compile.
+            # kernels (checks.h, or this function for Triton) make them under torch.compile.
             if torch.compiler.is_dynamo_compiling():
                 continue
-            if torch._debug_has_internal_overlap(t) == 1:
+            if t.numel() == 0:
+                continue
+            layout = _layout(t, name, i if list_name == "keys" else len(keys) + i)
+            if torch._debug_has_internal_overlap(t) == 1 or (
+                    layout is not None and _overlaps_itself(layout.dims, layout.row)):
                 raise ValueError(
-                    f"{op}: {name} has elements that share memory (an expanded tensor?); it is written in place, "
+                    f"{op}: {name} has elements that share memory (an expanded tensor, or strides that make "
+                    f"rows overlap: strides {list(t.stride())} for shape {list(t.shape)}); it is written in place, "
                     "so it must not overlap itself"
                 )
-            if t.numel() > 0:
-                ptr = _start_of_data(t)
-                if ptr in seen:
-                    raise ValueError(
-                        f"{op}: {name} shares its memory with another cache tensor; each layer's keys and values "
-                        "must be distinct tensors"
-                    )
-                seen.add(ptr)
+            if layout is not None:
+                layouts.append(layout)
+    _check_no_overlap(layouts, op)
 
 
 # Every multiple of 16 from 64 to 256: the Triton kernels pad the head dim to a power of two
@@ -187,8 +274,8 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     nb = cu_seqlens_q.shape[0]
     _check_lens(cu_seqlens_q, op, "cu_seqlens_q", nb, q, "B+1")
     _check_lens(cu_seqlens_k, op, "cu_seqlens_k", nb, q, "B+1 (the length of cu_seqlens_q)")
-    torch._check(max_seqlen_q >= 0, lambda: f"{op}: max_seqlen_q must be >= 0, got {max_seqlen_q}")
-    torch._check(max_seqlen_k >= 0, lambda: f"{op}: max_seqlen_k must be >= 0, got {max_seqlen_k}")
+    _torch_compat.check(max_seqlen_q >= 0, lambda: f"{op}: max_seqlen_q must be >= 0, got {max_seqlen_q}")
+    _torch_compat.check(max_seqlen_k >= 0, lambda: f"{op}: max_seqlen_k must be >= 0, got {max_seqlen_k}")
 
 
 def check_decode(q, k_cache, v_cache, cache_seqlens) -> None:

@@ -20,5 +20,9 @@ except ImportError:  # Triton is optional
     AVAILABLE = False
 
 if AVAILABLE:
+    from ..compat import triton as _compat
+
+    _compat.install_interpreter_fixes()  # before any kernel runs (see compat/triton.py)
+
     from .attention import *  # noqa: F401,F403  (varlen_attention, decode_attention)
     from .data import *  # noqa: F401,F403  (withdraw, compact_kv_)

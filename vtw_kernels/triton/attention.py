@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .. import _validate
+from ._device import on_device
 
 __all__ = ["varlen_attention", "decode_attention"]
 
@@ -156,16 +157,38 @@ def _varlen_fwd_kernel(Q, K, V, O, CU_Q, CU_K, Tq, Tk, qk_scale,
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _varlen_blocks(q: torch.Tensor, block_d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this dtype and padded head dim: configs
-    that ptxas compiles for sm_90a without register spills (checked ahead of time, no GPU)."""
-    if _interpreting(q):
-        return 32, 32, 4, 1
-    if q.dtype == torch.float32:  # IEEE float32 products run on the FMA units: small tiles
-        return {64: (32, 32, 4, 1), 128: (32, 16, 4, 1)}.get(block_d, (32, 16, 8, 1))
+def varlen_config(dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the varlen kernel on a GPU for this dtype and
+    padded head dim. Every entry compiles for sm_90a without register spills under Triton 3.6
+    and 3.8 (tests/test_attention.py checks each one ahead of time with ptxas)."""
+    if dtype == torch.float32:  # IEEE float32 products run on the FMA units: small tiles
+        return {64: (32, 32, 4, 1), 128: (32, 16, 4, 1)}.get(block_d, (16, 16, 8, 1))
     if block_d <= 128:
         return 128, 64, 8, 2
-    return 64, 32, 8, 1
+    # 64 x 32 (8 warps) spilled 116-120 bytes under Triton 3.6; 64 x 16 uses 255 registers
+    # there (220 under 3.8) and spills nothing.
+    return 64, 16, 8, 1
+
+
+def decode_config(dtype: torch.dtype, block_d: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the split-K decode kernel on a GPU; spill-free as
+    varlen_config's entries are (checked the same way)."""
+    if dtype == torch.float32:
+        return (32 if block_d <= 128 else 16), 4, 1
+    return (64 if block_d <= 128 else 32), 4, 2
+
+
+def reduce_config(block_d: int, num_splits: int) -> tuple[int, int, int]:
+    """(BLOCK_S, BLOCK_C, num_warps) of the split-merge kernel: all the splits' maxima and sums
+    at once, the accumulators BLOCK_C splits at a time (at most 4096 float32 in flight)."""
+    block_s = triton.next_power_of_2(max(num_splits, 1))
+    return block_s, max(1, min(block_s, 4096 // block_d)), 4
+
+
+def _varlen_blocks(q: torch.Tensor, block_d: int) -> tuple[int, int, int, int]:
+    if _interpreting(q):
+        return 32, 32, 4, 1
+    return varlen_config(q.dtype, block_d)
 
 
 def _needs_64bit_offsets(*ts: torch.Tensor) -> bool:
@@ -190,14 +213,15 @@ def _varlen_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_sc
     # NaN, never silently dropped.
     n_m = max(1, triton.cdiv(int(max_seqlen_q), bm))
     grid = (n_m, Hq, B)
-    _varlen_fwd_kernel[grid](
-        q, k, v, out, cu_seqlens_q, cu_seqlens_k, Tq, Tk, _scale(softmax_scale, D),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
-        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=bool(causal),
-        PRECISION=_precision(q.dtype), OFFS_64=_needs_64bit_offsets(q, k, v, out),
-        num_warps=warps, num_stages=stages,
-    )
+    with on_device(q):
+        _varlen_fwd_kernel[grid](
+            q, k, v, out, cu_seqlens_q, cu_seqlens_k, Tq, Tk, _scale(softmax_scale, D),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1),
+            GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=bool(causal),
+            PRECISION=_precision(q.dtype), OFFS_64=_needs_64bit_offsets(q, k, v, out),
+            num_warps=warps, num_stages=stages,
+        )
     return out
 
 
@@ -282,24 +306,32 @@ def _decode_split_kernel(Q, K, V, LENS, O, M_PART, L_PART, ACC_PART, S_cap, chun
 @triton.jit
 def _decode_reduce_kernel(LENS, O, M_PART, L_PART, ACC_PART, S_cap, stride_ob, stride_oh,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     h = tl.program_id(0)
     b = tl.program_id(1)
     Hq = tl.num_programs(0)
+    base = (b.to(tl.int64) * Hq + h) * NUM_SPLITS
     offs_s = tl.arange(0, BLOCK_S)
     s_mask = offs_s < NUM_SPLITS
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    part = (b.to(tl.int64) * Hq + h) * NUM_SPLITS + offs_s
-    m = tl.load(M_PART + part, mask=s_mask, other=float("-inf"))
-    l = tl.load(L_PART + part, mask=s_mask, other=0.0)
-    acc = tl.load(ACC_PART + part[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    m = tl.load(M_PART + base + offs_s, mask=s_mask, other=float("-inf"))
+    l = tl.load(L_PART + base + offs_s, mask=s_mask, other=0.0)
     m_g = tl.max(m, 0)
     m_sub = tl.where(m_g == float("-inf"), 0.0, m_g)
-    w = tl.math.exp2(m - m_sub)  # splits that saw no key have m = -inf: weight 0
-    l_sum = tl.sum(w * l, 0)
-    out = tl.sum(w[:, None] * acc, 0) / tl.where(l_sum > 0.0, l_sum, 1.0)
+    l_sum = tl.sum(tl.math.exp2(m - m_sub) * l, 0)  # splits that saw no key have m = -inf: weight 0
+    # The accumulators are merged BLOCK_C splits at a time: a [BLOCK_C, BLOCK_D] float32 tile
+    # stays small in registers however many splits there are (the whole [128, 256] tile did not).
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    offs_c = tl.arange(0, BLOCK_C)
+    for s0 in range(0, NUM_SPLITS, BLOCK_C):
+        c = s0 + offs_c
+        c_mask = c < NUM_SPLITS
+        w = tl.math.exp2(tl.load(M_PART + base + c, mask=c_mask, other=float("-inf")) - m_sub)
+        a = tl.load(ACC_PART + (base + c)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=c_mask[:, None] & d_mask[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * a, 0)
+    out = acc / tl.where(l_sum > 0.0, l_sum, 1.0)
     n = tl.load(LENS + b)
     out = tl.where((n < 0) | (n > S_cap), float("nan"), out)
     tl.store(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_mask)
@@ -325,13 +357,11 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits
     group = Hq // Hkv
     block_d = max(16, triton.next_power_of_2(D))
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
-    if block_n is None:  # spill-free on sm_90a (checked ahead of time with ptxas)
-        if _interpreting(q):
-            block_n = 32
-        elif q.dtype == torch.float32:
-            block_n = 32 if block_d <= 128 else 16
-        else:
-            block_n = 64 if block_d <= 128 else 32
+    if _interpreting(q):
+        cfg_n, warps, stages = 32, 4, 1
+    else:
+        cfg_n, warps, stages = decode_config(q.dtype, block_d)
+    block_n = block_n or cfg_n
     n_blocks = max(1, triton.cdiv(S_cap, block_n))
     if num_splits is None:
         # Enough programs to fill the GPU about twice, splits of at least 4 key blocks. The
@@ -347,23 +377,23 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits
         acc_part = torch.empty(B, Hq, num_splits, D, device=q.device, dtype=torch.float32)
     else:
         m_part = l_part = acc_part = out  # unused
-    warps = 4
-    _decode_split_kernel[(num_splits, Hkv, B)](
-        q, k_cache, v_cache, cache_seqlens, out, m_part, l_part, acc_part, S_cap, chunk,
-        _scale(softmax_scale, D),
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype),
-        OFFS_64=_needs_64bit_offsets(k_cache[0], v_cache[0]), num_warps=warps,
-        num_stages=1 if (_interpreting(q) or q.dtype == torch.float32) else 2,
-    )
-    if num_splits > 1:
-        _decode_reduce_kernel[(Hq, B)](
-            cache_seqlens, out, m_part, l_part, acc_part, S_cap, out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+    with on_device(q):
+        _decode_split_kernel[(num_splits, Hkv, B)](
+            q, k_cache, v_cache, cache_seqlens, out, m_part, l_part, acc_part, S_cap, chunk,
+            _scale(softmax_scale, D),
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+            GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n,
+            NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype),
+            OFFS_64=_needs_64bit_offsets(k_cache[0], v_cache[0]), num_warps=warps, num_stages=stages,
         )
+        if num_splits > 1:
+            block_s, block_c, r_warps = reduce_config(block_d, num_splits)
+            _decode_reduce_kernel[(Hq, B)](
+                cache_seqlens, out, m_part, l_part, acc_part, S_cap, out.stride(0), out.stride(1),
+                HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=block_s, BLOCK_C=block_c,
+                num_warps=r_warps,
+            )
     return out
 
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .. import _validate
+from ._device import on_device
 
 __all__ = ["withdraw", "compact_kv_"]
 
@@ -166,12 +167,13 @@ def _withdraw_impl(hidden, visual_mask, num_keep=None, pad_left=False, *, block_
     d_per_prog = triton.cdiv(d_chunks, d_splits) * block_d
     d_splits = max(1, triton.cdiv(dw, d_per_prog))
     grid = (B * tiles_per_row, d_splits)
-    _withdraw_kernel[grid](
-        h_words, mask_bytes, o_words, keep_index, keep_lens,
-        S, s_keep, dw, h_words.stride(0), h_words.stride(1), mask_bytes.stride(0), mask_bytes.stride(1),
-        tiles_per_row, d_per_prog, _nan_word(hidden.dtype, word),
-        PAD_LEFT=bool(pad_left), BLOCK_J=block_j, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
-    )
+    with on_device(hidden):
+        _withdraw_kernel[grid](
+            h_words, mask_bytes, o_words, keep_index, keep_lens,
+            S, s_keep, dw, h_words.stride(0), h_words.stride(1), mask_bytes.stride(0), mask_bytes.stride(1),
+            tiles_per_row, d_per_prog, _nan_word(hidden.dtype, word),
+            PAD_LEFT=bool(pad_left), BLOCK_J=block_j, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
+        )
     return out, keep_index, keep_lens
 
 
@@ -261,19 +263,19 @@ def compact_kv_(keys, values, visual_mask):
         row_bytes = t.shape[3] * esz if t.numel() > 0 else 0
         meta.append([t.data_ptr() if row_bytes else 0, t.stride(0) * esz // word, t.stride(1) * esz // word,
                      t.stride(2) * esz // word, row_bytes // word])
-    meta_t = torch.tensor(meta, dtype=torch.int64)
-    if dev.type == "cuda":  # copied without blocking the host; the pinned block lives until the copy ends
-        meta_t = meta_t.pin_memory().to(dev, non_blocking=True)
-
     new_lens = torch.empty(B, dtype=torch.int32, device=dev)
     mask_bytes = visual_mask.view(torch.uint8)
     max_row = max(m[4] for m in meta)
     block_d = max(16, min(128, triton.next_power_of_2(max(max_row, 1))))
     block_w = max(16, min(64, 2048 // block_d))
     grid = (len(tensors) * B * H,)
-    _compact_kv_kernel[grid](
-        meta_t, mask_bytes, new_lens, B, H, S, mask_bytes.stride(0), mask_bytes.stride(1),
-        WORD=_TL_INT_OF_SIZE[word], VEC=16 // word if aligned else 1, BLOCK_W=block_w, BLOCK_D=block_d,
-        num_warps=4, num_stages=1,
-    )
+    with on_device(visual_mask):  # the table's copy, on the current stream of the tensors' device, too
+        meta_t = torch.tensor(meta, dtype=torch.int64)
+        if dev.type == "cuda":  # copied without blocking the host; the pinned block lives until the copy ends
+            meta_t = meta_t.pin_memory().to(dev, non_blocking=True)
+        _compact_kv_kernel[grid](
+            meta_t, mask_bytes, new_lens, B, H, S, mask_bytes.stride(0), mask_bytes.stride(1),
+            WORD=_TL_INT_OF_SIZE[word], VEC=16 // word if aligned else 1, BLOCK_W=block_w, BLOCK_D=block_d,
+            num_warps=4, num_stages=1,
+        )
     return new_lens
