@@ -51,11 +51,24 @@ def test_unknown_kv_mode(llava):
         _config(llava, vtw_layer=2, vtw_kv="compact")
 
 
-@pytest.mark.parametrize("kv", [None, "text_only"])
-def test_text_only_not_implemented_says_what_to_pass(llava, kv):
-    extra = {} if kv is None else {"vtw_kv": kv}
-    with pytest.raises(Exception, match='"vtw_kv": "shared"'):
-        _config(llava, vtw_layer=2, **extra)
+def test_text_only_is_the_default(llava):
+    cfg = _config(llava, vtw_layer=2)
+    assert _config_mod().settings(cfg.model_config).kv == "text_only"
+
+
+def test_text_only_needs_the_hybrid_manager(llava):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=llava, dtype="float32", max_model_len=256, distributed_executor_backend="uni",
+                      hf_overrides={"vtw_layer": 2}, disable_hybrid_kv_cache_manager=True)
+    with pytest.raises(Exception, match="hybrid KV cache manager"):
+        args.create_engine_config()
+
+
+def _config_mod():
+    from vtw.vllm import _config as mod
+
+    return mod
 
 
 def test_kv_without_layer(llava):

@@ -16,9 +16,10 @@ KV modes (``vtw_kv``):
   shallow ones, in a compacted layout: a request's text token of rank r (its r-th text token)
   sits in slot r of the request's blocks, so the deep layers attend over exactly the request's
   text tokens so far.
-- ``"text_only"`` (the default of the contract): the deep layers in KV cache groups of their own
-  whose blocks hold text tokens only. Not implemented in this version: asking for it fails at
-  engine start and says to pass ``"vtw_kv": "shared"``.
+- ``"text_only"`` (the default): the deep layers in KV cache groups of their own whose blocks
+  hold the request's text tokens only, allocated for its text tokens only (see
+  :mod:`vtw.vllm._text_only`), so more requests fit in the same KV memory. Same layout inside
+  a block as "shared" (text rank r in slot r).
 
 What the engine returns is what :func:`vtw.enable` computes on the same weights: at text
 positions the withdrawn model's logits; at withdrawn positions (never sampled: a chunk of a
@@ -54,9 +55,10 @@ def register() -> None:
 
     _config.install(supported=is_supported())
     if is_supported():
-        from . import _runner
+        from . import _runner, _text_only
 
         _runner.install()
+        _text_only.register()
 
 
 __all__ = ["register", "SUPPORTED", "check_version"]

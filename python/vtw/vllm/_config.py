@@ -92,11 +92,10 @@ def verify(vllm_config) -> Settings | None:
     s = settings(mc)
     if s is None or not s.active:
         return s
-    if s.kv == "text_only":
-        raise NotImplementedError(
-            'vtw.vllm: vtw_kv="text_only" (the deep layers in KV cache groups of their own) is not '
-            'implemented in this version of vtw; pass hf_overrides={"vtw_layer": %d, "vtw_kv": "shared"} '
-            "(the compute saving, KV in the usual blocks)" % s.layer)
+    if s.kv == "text_only" and getattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", None) is True:
+        raise ValueError('vtw.vllm: vtw_kv="text_only" puts the deep layers in KV cache groups of their own, which '
+                         "needs vLLM's hybrid KV cache manager; drop disable_hybrid_kv_cache_manager, or pass "
+                         '"vtw_kv": "shared"')
     pc = vllm_config.parallel_config
     if getattr(pc, "pipeline_parallel_size", 1) != 1:
         raise ValueError("vtw.vllm: pipeline parallelism is not supported with vtw_layer; use "

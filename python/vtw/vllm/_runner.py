@@ -93,6 +93,9 @@ def set_layer(runner, layer: int) -> None:
     s = _config.settings(runner.model_config)
     if s is None or not s.active:
         raise RuntimeError("vtw.vllm.set_layer: the engine was not started with a vtw_layer < L")
+    if s.kv == "text_only":
+        raise RuntimeError("vtw.vllm.set_layer: with text_only the KV cache groups are laid out for the "
+                           "engine's vtw_layer; start an engine per K")
     if not 0 <= layer <= s.num_layers:
         raise ValueError(f"vtw.vllm.set_layer: layer must be in [0, {s.num_layers}], got {layer}")
     from dataclasses import replace
@@ -113,12 +116,37 @@ def _install_model(runner, s: _config.Settings | None = None) -> None:
         raise RuntimeError(f"vtw.vllm: the config says {s.num_layers} decoder layers, the model has {len(layers)}")
     names = {i: _attn_name(layers[i]) for i in range(max(start, s.layer), end)}
     st = _State(s, layers, start, end, names)
+    if s.kv == "text_only":
+        _text_only_specs(model, layers, range(max(start, s.layer), end), s.token_ids)
     for i in range(max(start, s.layer), end):
         lay = layers[i]
         if "forward" in lay.__dict__:
             raise RuntimeError(f"vtw.vllm: decoder layer {i} already has a patched forward")
         lay.forward = functools.partial(_layer_forward, st, i, lay.forward)
     runner._vtw = st
+
+
+def _text_only_specs(model, layers, deep, token_ids) -> None:
+    """The deep attention layers report a TextOnlyAttentionSpec (their own KV cache groups)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from ._text_only import TextOnlyAttentionSpec
+
+    for i in deep:
+        attn = layers[i].self_attn.attn
+        if "get_kv_cache_spec" in attn.__dict__:
+            continue
+        orig = attn.get_kv_cache_spec
+
+        def spec(vllm_config, _orig=orig, _i=i):
+            base = _orig(vllm_config)
+            if base is None or type(base) is not FullAttentionSpec or base.sliding_window is not None:
+                raise RuntimeError(f"vtw.vllm: decoder layer {_i} has KV spec {type(base).__name__} "
+                                   f"(sliding window: {getattr(base, 'sliding_window', None)}); text_only needs "
+                                   'plain full attention from vtw_layer on (or pass "vtw_kv": "shared")')
+            return TextOnlyAttentionSpec.from_spec(base, token_ids)
+
+        attn.get_kv_cache_spec = spec
 
 
 def _deep_groups(runner, st: _State):
