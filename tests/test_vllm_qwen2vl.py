@@ -144,3 +144,24 @@ def test_withdrawal_changes_image_requests(hf):
     visual = {hf[0].config.image_token_id, hf[0].config.video_token_id}
     assert all(a[1] == b[1] for a, b, (_, s) in zip(full, withdrawn, PROMPTS)
                if s is None and not visual & set(a[1]))
+
+
+def test_text_only_tokens_equal_withdrawn_model(folder, hf, llm):
+    """A second engine, vtw_kv="text_only" at K = 1 (its own KV groups for the deep layers)."""
+    from vllm import LLM
+
+    del llm  # the module engine stays; this one is started after it
+    engine = LLM(str(folder), dtype="float32", distributed_executor_backend="uni", max_model_len=96,
+                 max_num_batched_tokens=16, max_num_seqs=4, seed=0, block_size=32, num_gpu_blocks_override=4 * 3 + 1,
+                 limit_mm_per_prompt={"image": 1, "video": 0}, hf_overrides={"vtw_layer": 1})
+    try:
+        got, preempted = tiny.run_workload(engine, NEW, PROMPTS, image=tiny.qwen_image,
+                                           aborted=(tiny.QWEN_IMAGE + " this one is aborted", 4))
+        for (gp, gt), (wp, wt) in zip(got, _reference(hf, 1)):
+            assert gp == wp
+            assert gt == wt, f"text_only, K=1: vLLM {gt} != reference {wt}"
+        assert preempted > 0
+        free, total = tiny.free_blocks(engine)
+        assert free == total
+    finally:
+        del engine
