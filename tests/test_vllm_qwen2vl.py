@@ -1,4 +1,4 @@
-"""vtw.vllm on a tiny Qwen2-VL (random weights, built locally; M-RoPE): the engine's greedy
+"""vtw.vllm on a tiny Qwen2-VL and a tiny Qwen2.5-VL (random weights, built locally; M-RoPE): the engine's greedy
 tokens equal those of the withdrawn model recomputed cache-free on the Hugging Face modules at
 every step (the deep layers get the text tokens' original [3, N] positions), in a continuously
 batched, chunked-prefill, preempting workload mixing image (several sizes) and text-only
@@ -23,9 +23,9 @@ NEW = 24
 PROMPTS = tiny.QWEN_PROMPTS
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return tiny.build_qwen2_vl(tmp_path_factory.mktemp("tiny_qwen2_vl"), layers=LAYERS)
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def folder(tmp_path_factory, request):
+    return tiny.build_qwen2_vl(tmp_path_factory.mktemp(request.param), layers=LAYERS, family=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +43,10 @@ def llm(folder):
 
 @pytest.fixture(scope="module")
 def hf(folder):
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
-                                                            attn_implementation="sdpa").eval()
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32,
+                                                        attn_implementation="sdpa").eval()
     return model, AutoProcessor.from_pretrained(folder)
 
 
@@ -79,10 +79,11 @@ def _lm_inputs(model, inputs):
 
 
 @torch.no_grad()
-def _withdrawn_next(model, inputs, layer):
+def _withdrawn_next(model, embeds, pos, ids, layer):
+    """A cache-free forward of the withdrawn model on the HF modules: layers < K on every token,
+    layers >= K on the text tokens only, with their original [3, 1, n] positions."""
     lm = model.model.language_model
-    h, pos = _lm_inputs(model, inputs)
-    ids = inputs["input_ids"][0]
+    h = embeds
     for i in range(layer):
         h = lm.layers[i](h, attention_mask=None, position_embeddings=lm.rotary_emb(h, pos))
     if layer < len(lm.layers):
@@ -96,22 +97,26 @@ def _withdrawn_next(model, inputs, layer):
 
 
 def _reference(hf, layer):
+    """Greedy tokens, every step recomputed from scratch. The prompt's embeddings and M-RoPE
+    positions are HF's own; a generated token is embedded by the token table and placed at the
+    next position on all three streams (one past the largest so far), as HF's decoding does."""
     model, proc = hf
+    emb = model.model.language_model.embed_tokens
     out = []
     for text, seed in PROMPTS:
         inputs = dict(proc(text=text, images=tiny.qwen_image(seed) if seed is not None else None,
                            return_tensors="pt"))
-        prompt = inputs["input_ids"][0].tolist()
+        embeds, pos = _lm_inputs(model, inputs)
+        ids = inputs["input_ids"][0]
         toks = []
         for _ in range(NEW):
-            t = _withdrawn_next(model, inputs, layer)
+            t = _withdrawn_next(model, embeds, pos, ids, layer)
             toks.append(t)
-            inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([[t]])], 1)
-            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-            if "mm_token_type_ids" in inputs:
-                inputs["mm_token_type_ids"] = torch.cat(
-                    [inputs["mm_token_type_ids"], torch.zeros(1, 1, dtype=inputs["mm_token_type_ids"].dtype)], 1)
-        out.append((prompt, toks))
+            ids = torch.cat([ids, torch.tensor([t])])
+            with torch.no_grad():
+                embeds = torch.cat([embeds, emb(torch.tensor([[t]]))], 1)
+            pos = torch.cat([pos, (pos.max() + 1).view(1, 1, 1).expand(3, 1, 1)], 2)
+        out.append((inputs["input_ids"][0].tolist(), toks))
     return out
 
 

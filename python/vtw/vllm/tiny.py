@@ -168,11 +168,13 @@ QWEN_VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_p
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-def build_qwen2_vl(folder, seed: int = 0, layers: int = 4) -> Path:
-    """Writes a random tiny Qwen2-VL (float32) with its tokenizer and processor to `folder`."""
+def build_qwen2_vl(folder, seed: int = 0, layers: int = 4, family: str = "qwen2_vl") -> Path:
+    """Writes a random tiny Qwen2-VL (``family="qwen2_vl"``) or Qwen2.5-VL (``"qwen2_5_vl"``,
+    windowed vision attention) in float32, with its tokenizer and processor, to `folder`."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2_5_VLProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
@@ -188,23 +190,33 @@ def build_qwen2_vl(folder, seed: int = 0, layers: int = 4) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>")
     fast.add_special_tokens({"additional_special_tokens": QWEN_VISION})
-    cfg = Qwen2VLConfig(
+    if family == "qwen2_vl":
+        config_cls, model_cls, proc_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3)
+    elif family == "qwen2_5_vl":
+        config_cls, model_cls, proc_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=56,
+                      fullatt_block_indexes=[1], tokens_per_second=2)
+    else:
+        raise ValueError(f"family must be qwen2_vl or qwen2_5_vl, got {family!r}")
+    cfg = config_cls(
         text_config=dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
                          initializer_range=0.3, bos_token_id=build.BOS_ID, eos_token_id=build.EOS_ID,
                          pad_token_id=build.PAD_ID, tie_word_embeddings=False,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, in_channels=3),
+        vision_config=vision,
         image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
         vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
         tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model = model_cls(cfg).eval()
     model.save_pretrained(folder)
     ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
                                   temporal_patch_size=2)
-    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=fast, video_processor=Qwen2VLVideoProcessor(),
+    proc = proc_cls(image_processor=ip, tokenizer=fast, video_processor=Qwen2VLVideoProcessor(),
                             chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     proc.save_pretrained(folder)
     gen = folder / "generation_config.json"
