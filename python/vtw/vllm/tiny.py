@@ -245,3 +245,74 @@ def qwen_image(seed: int):
     rng = np.random.default_rng(seed)
     h, w = [(112, 112), (56, 112), (112, 84), (84, 56), (56, 56)][seed % 5]
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def build_llava_next(folder, seed: int = 0, layers: int = 4) -> Path:
+    """A random tiny LLaVA-NeXT (AnyRes: 48 x 48 tiles of 64 tokens, base picture plus tiles, one
+    newline token per row of patches; all of them carry the image token id)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from vtw.embedded import build
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = llava_config(layers=layers)
+    cfg = LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config,
+                          image_token_index=build.IMAGE_ID, vision_feature_select_strategy="default",
+                          vision_feature_layer=-1, projector_hidden_act="gelu", tie_word_embeddings=False,
+                          image_grid_pinpoints=[[48, 96], [96, 48], [96, 96]], image_seq_length=64)
+    cfg.pad_token_id = build.PAD_ID
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.model.multi_modal_projector.parameters():
+            p.mul_(3.0)
+        model.model.image_newline.normal_(0, 1.0)
+    model.save_pretrained(folder)
+    sd = {}
+    for k, v in model.state_dict().items():
+        k2 = k
+        if k2.startswith("model.vision_tower.") and not k2.startswith("model.vision_tower.vision_model."):
+            k2 = "vision_tower.vision_model." + k2[len("model.vision_tower."):]
+        elif k2.startswith("model.vision_tower.vision_model."):
+            k2 = k2[len("model."):]
+        elif k2.startswith("model.multi_modal_projector.") or k2 == "model.image_newline":
+            k2 = k2[len("model."):]
+        elif k2.startswith("model.language_model."):
+            k2 = "language_model.model." + k2[len("model.language_model."):]
+        elif k2.startswith("lm_head."):
+            k2 = "language_model.lm_head." + k2[len("lm_head."):]
+        sd[k2] = v.contiguous()
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    idx = folder / "model.safetensors.index.json"
+    if idx.exists():
+        idx.unlink()
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    n = 48
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": n}, crop_size={"height": n, "width": n},
+                                    image_grid_pinpoints=[[48, 96], [96, 48], [96, 96]], do_center_crop=True,
+                                    resample=3, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=build.tokenizer(), patch_size=6,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              image_token="<image>")
+    proc.save_pretrained(folder)
+    gen = folder / "generation_config.json"
+    if gen.exists():
+        g = json.loads(gen.read_text())
+        g.pop("eos_token_id", None)
+        gen.write_text(json.dumps(g))
+    return folder
+
+
+def next_image(seed: int):
+    """Pictures of AnyRes shapes: tall, wide, square."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = [(96, 48), (48, 96), (96, 96), (60, 50)][seed % 4]
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
