@@ -75,6 +75,16 @@ def build_llava(folder, seed: int = 0, **kw) -> Path:
         idx.unlink()
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     proc = build.processor()
+    size = kw.get("image_size")
+    if size:  # another picture size (e.g. 144 px in 6 px patches: LLaVA-1.5's 576 image tokens)
+        from transformers import LlavaProcessor
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        ip = CLIPImageProcessorPil(size={"height": size, "width": size}, crop_size={"height": size, "width": size},
+                                   do_center_crop=False, resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        proc = LlavaProcessor(image_processor=ip, tokenizer=build.tokenizer(), patch_size=kw.get("patch") or 6,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              image_token="<image>")
     proc.save_pretrained(folder)
     gen = folder / "generation_config.json"
     if gen.exists():  # never stop on EOS in the tests' greedy references
