@@ -1,6 +1,7 @@
 """vtw.vllm with vtw_kv="text_only" (the default) on the tiny LLaVA-1.5: the deep layers live in
 KV cache groups of their own whose blocks hold text tokens only. The engine's greedy tokens
-equal those of the withdrawn model (the cache-free recomputation of test_vllm_llava) in the
+equal those of the withdrawn model (the cache-free recomputation of test_vllm_llava, and
+vtw.enable's greedy generate on the HF model: two independent references) in the
 continuously batched, chunked-prefill, preempting workload with an abort; a request holds fewer
 blocks in the deep groups than in the shallow one; every block is free afterwards. One engine
 per K (the groups are laid out for the engine's K)."""
@@ -25,6 +26,28 @@ def _engine(folder, layer, blocks):
     return LLM(str(folder), dtype="float32", distributed_executor_backend="uni", max_model_len=128,
                max_num_batched_tokens=32, max_num_seqs=4, seed=0, block_size=32, num_gpu_blocks_override=blocks,
                hf_overrides={"vtw_layer": layer})  # vtw_kv: text_only by default
+
+
+def _enable_reference(hf, layer):
+    """A second, independent reference: vtw.enable on the HF model (its KV cache, its masks),
+    greedy `generate` of NEW tokens, one request at a time."""
+    import torch
+
+    import vtw
+
+    model, proc = hf
+    vtw.enable(model, layer)
+    try:
+        out = []
+        for text, seed in tiny.PROMPTS:
+            inputs = proc(text=text, images=tiny.image(seed) if seed is not None else None, return_tensors="pt")
+            with torch.no_grad():
+                g = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+            n = inputs["input_ids"].shape[1]
+            out.append((inputs["input_ids"][0].tolist(), g[0, n:].tolist()))
+        return out
+    finally:
+        vtw.disable(model)
 
 
 def _groups(llm):
@@ -66,6 +89,9 @@ def test_text_only_tokens_equal_withdrawn_model(folder, hf, layer):
         for (gp, gt), (wp, wt) in zip(got, want):
             assert gp == wp
             assert gt == wt, f"text_only, K={layer}: vLLM {gt} != reference {wt}"
+        for (gp, gt), (wp, wt) in zip(got, _enable_reference(hf, layer)):
+            assert gp == wp
+            assert gt == wt, f"text_only, K={layer}: vLLM {gt} != HF vtw.enable {wt}"
         assert preempted > 0, "the workload was meant to preempt a request"
         free, total = tiny.free_blocks(llm)
         assert free == total, f"{total - free} KV blocks still held after the workload"
