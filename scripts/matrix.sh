@@ -18,6 +18,10 @@ mkdir -p "$dest"
 find "$dest" -mindepth 1 -maxdepth 1 ! -name .venv ! -name build ! -name build-cmake -exec rm -rf {} +
 git ls-files -z --cached --others --exclude-standard \
   | tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C "$dest"
+# The design documents beside the repository (../shared), where the tests look for them.
+if [ -d "$ROOT/../shared" ] && [ ! -e .matrix/shared ]; then
+  ln -s "$(cd "$ROOT/../shared" && pwd)" .matrix/shared
+fi
 echo "[matrix] $name: running the test command in $dest"
 cd "$dest"
 VTW_ENV="$name" bash ./scripts/test.sh "$@"
