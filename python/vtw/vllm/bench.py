@@ -5,7 +5,10 @@
 (b) a prefill-heavy workload (N image requests at once, M new tokens each): requests/s, output
     tokens/s, mean time to first token, for stock, "shared" and "text_only".
 
-    python -m vtw.vllm.bench --layers 8 --hidden 512 --image-size 144 --requests 64 --new 16
+    python -m vtw bench --engine vllm --preset small [--tensor-parallel 2]
+    python -m vtw.vllm.bench --layers 8 --hidden 512 --intermediate 1376 --image-size 144 --requests 64 --new 16
+
+(the first runs the second with the preset's decoder shape; results in bench/RESULTS.md).
 
 Engines run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), one after the other.
 """
