@@ -78,22 +78,13 @@ def test_calibrate_end_to_end(model_dir, data, tmp_path, capsys):
 
 def test_calibrate_matches_the_api(model_dir, data, tmp_path, capsys):
     # The same samples through the processor and vtw.calibrate give the numbers the command line wrote.
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     from vtw.calibrate import calibrate
 
     rc, _, err = run_cli(capsys, "calibrate", "--model", model_dir, "--data", data, "--out", tmp_path,
                          "--layers", "1,3", "--batch-size", 3, "--no-progress")
     assert rc == 0, err
     got = json.loads((tmp_path / "calibration.json").read_text())["kl"]
-    proc = AutoProcessor.from_pretrained(model_dir)
-    proc.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    lines = [json.loads(x) for x in data.read_text().splitlines() if x.strip()]
-    images = [Image.open(data.parent / x["image"]).convert("RGB") for x in lines]
-    prompts = [x["prompt"] if "<image>" in x["prompt"] else "<image>\n" + x["prompt"] for x in lines]
-    batch = dict(proc(images=images, text=prompts, return_tensors="pt", padding=True))
+    model, batch = _api_batch(model_dir, data)
     cal = calibrate(model, [batch], layers=[1, 3], progress=False)
     assert got == {str(k): v for k, v in cal.kl.items()}
 

@@ -6,13 +6,11 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-pytest.importorskip("vllm")
+import _vllm  # skips without vLLM; the engine environment
 
 
 def test_bench_engine_vllm_tiny(tmp_path):
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    env = dict(os.environ, **_vllm.ENGINE_ENV)
     proc = subprocess.run([sys.executable, "-m", "vtw", "bench", "--engine", "vllm", "--preset", "tiny",
                            "--batch", "4", "--new-tokens", "2", "--out", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=400)

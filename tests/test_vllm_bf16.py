@@ -30,15 +30,9 @@ One engine per KV mode ("text_only" at K = 1: a shallow group and three text-onl
 "shared" at K = L/2).
 """
 
-import os
-
 import pytest
 
-pytest.importorskip("vllm")
-
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+import _vllm  # noqa: E402,F401  (skips without vLLM; the engine environment)
 
 import torch  # noqa: E402
 

@@ -2,15 +2,9 @@
 and leaves an engine without vtw_layer (or with K = L) exactly as stock vLLM configures it.
 These build the engine's config only (no model load)."""
 
-import os
-
 import pytest
 
-pytest.importorskip("vllm")
-
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+import _vllm  # noqa: E402,F401  (skips without vLLM; the engine environment)
 
 from vtw.vllm import _version, tiny  # noqa: E402
 

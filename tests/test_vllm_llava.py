@@ -7,15 +7,9 @@ One in-process engine for the module (engine start is the expensive part): it is
 vtw_layer = L/2 through hf_overrides, and re-wired to the other K values between workloads.
 """
 
-import os
-
 import pytest
 
-pytest.importorskip("vllm")
-
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+import _vllm  # noqa: E402,F401  (skips without vLLM; the engine environment)
 
 import torch  # noqa: E402
 

@@ -6,15 +6,9 @@ continuously batched, chunked-prefill, preempting workload with an abort; a requ
 blocks in the deep groups than in the shallow one; every block is free afterwards. One engine
 per K (the groups are laid out for the engine's K)."""
 
-import os
-
 import pytest
 
-pytest.importorskip("vllm")
-
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+import _vllm  # noqa: E402,F401  (skips without vLLM; the engine environment)
 
 from test_vllm_llava import LAYERS, NEW, _reference, folder, hf  # noqa: E402,F401  (fixtures)
 from vtw.vllm import tiny  # noqa: E402

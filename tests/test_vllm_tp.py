@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-pytest.importorskip("vllm")
+import _vllm  # noqa: E402,F401  (skips without vLLM; the engine environment)
 
 from test_vllm_llava import LAYERS, NEW, _reference, hf, folder  # noqa: E402,F401  (fixtures)
 

@@ -36,10 +36,42 @@ def llava_config(layers: int = 4, hidden: int = 64, heads: int = 2, intermediate
     return cfg
 
 
+
+def _save_llava_hf_layout(model, folder: Path) -> None:
+    """Saves a LLaVA / LLaVA-NeXT (config, generation config, weights) under the llava-hf weight
+    names vLLM's loader wants (transformers 5.x saves `model.vision_tower.*` etc.; it loads both)."""
+    from safetensors.torch import save_file
+
+    model.save_pretrained(folder)
+    moves = (("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+             ("model.vision_tower.", "vision_tower.vision_model."),
+             ("model.multi_modal_projector.", "multi_modal_projector."),
+             ("model.image_newline", "image_newline"),
+             ("model.language_model.", "language_model.model."),
+             ("lm_head.", "language_model.lm_head."))
+    sd = {}
+    for k, v in model.state_dict().items():
+        old, new = next(((o, n) for o, n in moves if k.startswith(o)), ("", ""))
+        sd[new + k[len(old):]] = v.contiguous()
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    idx = folder / "model.safetensors.index.json"
+    if idx.exists():
+        idx.unlink()
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _never_stop_on_eos(folder: Path) -> None:
+    """The tests' greedy references run a fixed number of tokens: no EOS in the generation config."""
+    gen = folder / "generation_config.json"
+    if gen.exists():
+        g = json.loads(gen.read_text())
+        g.pop("eos_token_id", None)
+        gen.write_text(json.dumps(g))
+
 def build_llava(folder, seed: int = 0, **kw) -> Path:
     """Writes a random tiny LLaVA-1.5 (float32) to `folder`; returns the folder."""
     import torch
-    from safetensors.torch import save_file
     from transformers import LlavaForConditionalGeneration
 
     from vtw.embedded import build
@@ -52,28 +84,7 @@ def build_llava(folder, seed: int = 0, **kw) -> Path:
     with torch.no_grad():  # a visible image signal: the default init leaves the projector tiny
         for p in model.model.multi_modal_projector.parameters():
             p.mul_(3.0)
-    model.save_pretrained(folder)  # config, generation config
-    # vLLM's loader wants the llava-hf names
-    sd = {}
-    for k, v in model.state_dict().items():
-        k2 = k
-        if k2.startswith("model.vision_tower.") and not k2.startswith("model.vision_tower.vision_model."):
-            k2 = "vision_tower.vision_model." + k2[len("model.vision_tower."):]
-        elif k2.startswith("model.vision_tower.vision_model."):
-            k2 = k2[len("model."):]
-        elif k2.startswith("model.multi_modal_projector."):
-            k2 = k2[len("model."):]
-        elif k2.startswith("model.language_model."):
-            k2 = "language_model.model." + k2[len("model.language_model."):]
-        elif k2.startswith("lm_head."):
-            k2 = "language_model.lm_head." + k2[len("lm_head."):]
-        sd[k2] = v.contiguous()
-    for f in folder.glob("*.safetensors"):
-        f.unlink()
-    idx = folder / "model.safetensors.index.json"
-    if idx.exists():
-        idx.unlink()
-    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _save_llava_hf_layout(model, folder)
     proc = build.processor()
     size = kw.get("image_size")
     if size:  # another picture size (e.g. 144 px in 6 px patches: LLaVA-1.5's 576 image tokens)
@@ -86,11 +97,7 @@ def build_llava(folder, seed: int = 0, **kw) -> Path:
                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
                               image_token="<image>")
     proc.save_pretrained(folder)
-    gen = folder / "generation_config.json"
-    if gen.exists():  # never stop on EOS in the tests' greedy references
-        g = json.loads(gen.read_text())
-        g.pop("eos_token_id", None)
-        gen.write_text(json.dumps(g))
+    _never_stop_on_eos(folder)
     return folder
 
 
@@ -229,11 +236,7 @@ def build_qwen2_vl(folder, seed: int = 0, layers: int = 4, family: str = "qwen2_
     proc = proc_cls(image_processor=ip, tokenizer=fast, video_processor=Qwen2VLVideoProcessor(),
                             chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     proc.save_pretrained(folder)
-    gen = folder / "generation_config.json"
-    if gen.exists():
-        g = json.loads(gen.read_text())
-        g.pop("eos_token_id", None)
-        gen.write_text(json.dumps(g))
+    _never_stop_on_eos(folder)
     return folder
 
 
@@ -261,7 +264,6 @@ def build_llava_next(folder, seed: int = 0, layers: int = 4) -> Path:
     """A random tiny LLaVA-NeXT (AnyRes: 48 x 48 tiles of 64 tokens, base picture plus tiles, one
     newline token per row of patches; all of them carry the image token id)."""
     import torch
-    from safetensors.torch import save_file
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
@@ -281,27 +283,7 @@ def build_llava_next(folder, seed: int = 0, layers: int = 4) -> Path:
         for p in model.model.multi_modal_projector.parameters():
             p.mul_(3.0)
         model.model.image_newline.normal_(0, 1.0)
-    model.save_pretrained(folder)
-    sd = {}
-    for k, v in model.state_dict().items():
-        k2 = k
-        if k2.startswith("model.vision_tower.") and not k2.startswith("model.vision_tower.vision_model."):
-            k2 = "vision_tower.vision_model." + k2[len("model.vision_tower."):]
-        elif k2.startswith("model.vision_tower.vision_model."):
-            k2 = k2[len("model."):]
-        elif k2.startswith("model.multi_modal_projector.") or k2 == "model.image_newline":
-            k2 = k2[len("model."):]
-        elif k2.startswith("model.language_model."):
-            k2 = "language_model.model." + k2[len("model.language_model."):]
-        elif k2.startswith("lm_head."):
-            k2 = "language_model.lm_head." + k2[len("lm_head."):]
-        sd[k2] = v.contiguous()
-    for f in folder.glob("*.safetensors"):
-        f.unlink()
-    idx = folder / "model.safetensors.index.json"
-    if idx.exists():
-        idx.unlink()
-    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _save_llava_hf_layout(model, folder)
     n = 48
     ip = LlavaNextImageProcessorPil(size={"shortest_edge": n}, crop_size={"height": n, "width": n},
                                     image_grid_pinpoints=[[48, 96], [96, 48], [96, 96]], do_center_crop=True,
@@ -310,11 +292,7 @@ def build_llava_next(folder, seed: int = 0, layers: int = 4) -> Path:
                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
                               image_token="<image>")
     proc.save_pretrained(folder)
-    gen = folder / "generation_config.json"
-    if gen.exists():
-        g = json.loads(gen.read_text())
-        g.pop("eos_token_id", None)
-        gen.write_text(json.dumps(g))
+    _never_stop_on_eos(folder)
     return folder
 
 

@@ -1,0 +1,14 @@
+"""Shared set-up of the vLLM test modules (tests/test_vllm_*.py): importing it skips the module
+where vLLM is not installed (the main set), and sets the engine's environment before vLLM is
+imported: the engine core in this process (engine start is the slow part), no hub access, 1 GiB
+of KV cache."""
+
+import os
+
+import pytest
+
+pytest.importorskip("vllm")
+
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+for _k, _v in ENGINE_ENV.items():
+    os.environ.setdefault(_k, _v)
