@@ -97,17 +97,18 @@ def _withdrawn_logits(model, embeds, ids, layer):
     return model.lm_head(lm.norm(h[:, -1:]))[0, -1]
 
 
-def _reference(hf, layer):
-    """Greedy tokens of the withdrawn model, recomputed from scratch at every step."""
+def _reference(hf, layer, prompts=PROMPTS, new_tokens=NEW, image=_image):
+    """Greedy tokens of the withdrawn model, recomputed from scratch at every step (LLaVA-1.5 and
+    LLaVA-NeXT: `image` makes each prompt's picture from its seed)."""
     model, proc = hf
     out = []
-    for text, seed in PROMPTS:
-        inputs = proc(text=text, images=_image(seed) if seed is not None else None, return_tensors="pt")
+    for text, seed in prompts:
+        inputs = proc(text=text, images=image(seed) if seed is not None else None, return_tensors="pt")
         ids = inputs["input_ids"]
         with torch.no_grad():
             embeds = _embeds(model, inputs)
         toks = []
-        for _ in range(NEW):
+        for _ in range(new_tokens):
             t = int(_withdrawn_logits(model, embeds, ids, layer).argmax())
             toks.append(t)
             ids = torch.cat([ids, torch.tensor([[t]])], 1)

@@ -9,7 +9,7 @@ import _vllm  # noqa: E402,F401  (skips without vLLM; the engine environment)
 
 import torch  # noqa: E402
 
-from test_vllm_llava import _embeds, _withdrawn_logits  # noqa: E402
+from test_vllm_llava import _reference as _llava_reference  # noqa: E402
 from vtw.vllm import _runner, tiny  # noqa: E402
 
 LAYERS = 4
@@ -40,22 +40,7 @@ def hf(folder):
 
 
 def _reference(hf, layer):
-    model, proc = hf
-    out = []
-    for text, seed in PROMPTS:
-        inputs = proc(text=text, images=tiny.next_image(seed) if seed is not None else None, return_tensors="pt")
-        ids = inputs["input_ids"]
-        with torch.no_grad():
-            embeds = _embeds(model, inputs)
-        toks = []
-        for _ in range(NEW):
-            t = int(_withdrawn_logits(model, embeds, ids, layer).argmax())
-            toks.append(t)
-            ids = torch.cat([ids, torch.tensor([[t]])], 1)
-            with torch.no_grad():
-                embeds = torch.cat([embeds, model.model.language_model.embed_tokens(torch.tensor([[t]]))], 1)
-        out.append((inputs["input_ids"][0].tolist(), toks))
-    return out
+    return _llava_reference(hf, layer, PROMPTS, NEW, image=tiny.next_image)
 
 
 def _engine(folder, kv, layer, blocks):
