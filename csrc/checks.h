@@ -17,9 +17,21 @@ inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
+// The attention ops compute (float32 softmax): float32, float16, bfloat16.
 inline void check_float_dtype(const at::Tensor& t, const char* op, const std::string& name) {
   TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), op, ": ", name,
                    " must be float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+// The data-moving ops (withdraw, compact_kv_) only copy bytes, so they also take float64
+// (double-precision references of a withdrawn model).
+inline bool is_supported_data_float(at::ScalarType t) {
+  return is_supported_float(t) || t == at::kDouble;
+}
+
+inline void check_data_dtype(const at::Tensor& t, const char* op, const std::string& name) {
+  TORCH_CHECK_TYPE(is_supported_data_float(t.scalar_type()), op, ": ", name,
+                   " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
@@ -40,7 +52,7 @@ inline void check_withdraw_inputs(const at::Tensor& hidden, const at::Tensor& vi
   constexpr const char* op = "vtw.withdraw";
   TORCH_CHECK_VALUE(hidden.dim() == 3, op, ": hidden must be 3-D [B, S, D], got ", hidden.dim(),
                     "-D with shape ", hidden.sizes());
-  check_float_dtype(hidden, op, "hidden");
+  check_data_dtype(hidden, op, "hidden");
   check_mask(visual_mask, op);
   check_same_device(visual_mask, hidden, op, "visual_mask", "hidden");
   TORCH_CHECK_VALUE(visual_mask.size(0) == hidden.size(0) && visual_mask.size(1) == hidden.size(1),
@@ -161,7 +173,7 @@ inline int64_t check_compact_kv_inputs(at::TensorList keys, at::TensorList value
       const std::string name = std::string(list == 0 ? "keys[" : "values[") + std::to_string(i) + "]";
       TORCH_CHECK_VALUE(t.dim() == 4, op, ": ", name, " must be 4-D [B, H, S_cap, Dh], got ",
                         t.dim(), "-D with shape ", t.sizes());
-      check_float_dtype(t, op, name);
+      check_data_dtype(t, op, name);
       check_same_device(t, visual_mask, op, name, "visual_mask");
       TORCH_CHECK_VALUE(t.size(0) == B, op, ": ", name, " must have batch size B = ", B,
                         " (visual_mask is ", visual_mask.sizes(), "), got shape ", t.sizes());

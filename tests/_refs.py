@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The dtypes of the data-moving ops (withdraw, compact_kv_); the attention ops take the first three.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INT_OF = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
            torch.float64: torch.int64}
 
@@ -60,7 +61,8 @@ def special_values(shape, dtype: torch.dtype, generator: torch.Generator | None 
         # NaNs with payloads other than the default quiet NaN, one of them signalling and negative
         width = torch.finfo(dtype).bits
         patterns = {torch.float32: (0x7FC00123, 0xFF800001), torch.float16: (0x7E01, 0xFC01),
-                    torch.bfloat16: (0x7FC1, 0xFF81)}[dtype]
+                    torch.bfloat16: (0x7FC1, 0xFF81),
+                    torch.float64: (0x7FF8000000000123, 0xFFF0000000000001)}[dtype]
         ib = flat.view(_INT_OF[dtype])
         for k, p in enumerate(patterns):
             ib[k::7] = p - (1 << width) if p >= 1 << (width - 1) else p

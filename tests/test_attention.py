@@ -380,6 +380,10 @@ VARLEN_BAD = [
     ("v dtype", dict(v=torch.randn(5, 2, 64, dtype=torch.bfloat16)), TypeError, "v must have the dtype of q"),
     ("rank", dict(q=torch.randn(5, 64)), ValueError, r"q must be 3-D \[T, Hq, D\]"),
     ("int q", dict(q=torch.zeros(5, 4, 64, dtype=torch.int32)), TypeError, "q must be float32, float16 or bfloat16"),
+    # float64 is for the data-moving ops only (they copy bits); attention computes in float32.
+    ("float64", dict(q=torch.randn(5, 4, 64, dtype=torch.float64), k=torch.randn(5, 2, 64, dtype=torch.float64),
+                     v=torch.randn(5, 2, 64, dtype=torch.float64)), TypeError,
+     "q must be float32, float16 or bfloat16, got (float64|Double)"),
 ]
 
 

@@ -16,10 +16,11 @@ import torch
 import vtw_kernels
 from vtw_kernels import _ext, reference
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-INT_OF = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+INT_OF = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+          torch.float64: torch.int64}
 OPS = ("withdraw", "compact_kv_")
-DTYPE_IDS = ["float32", "float16", "bfloat16"]  # ids without "torch": -k "not torch" picks backends
+DTYPE_IDS = ["float32", "float16", "bfloat16", "float64"]  # ids without "torch": -k "not torch" picks backends
 
 
 # --------------------------------------------------------------------- registration, no GPU

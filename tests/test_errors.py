@@ -37,9 +37,9 @@ M = lambda *s: torch.rand(*s) < 0.5  # noqa: E731
 # (id, hidden, mask, num_keep, message pattern)
 WITHDRAW_BAD = [
     ("hidden_int32", lambda: (torch.ones(2, 5, 4, dtype=torch.int32), M(2, 5), None),
-     r"hidden must be float32, float16 or bfloat16, got (int32|Int)"),
-    ("hidden_float64", lambda: (H(2, 5, 4, dtype=torch.float64), M(2, 5), None),
-     r"hidden must be float32, float16 or bfloat16, got (torch\.)?(float64|Double)"),
+     r"hidden must be float32, float16, bfloat16 or float64, got (int32|Int)"),
+    ("hidden_complex64", lambda: (torch.zeros(2, 5, 4, dtype=torch.complex64), M(2, 5), None),
+     r"hidden must be float32, float16, bfloat16 or float64, got (complex64|ComplexFloat)"),
     ("mask_int64", lambda: (H(2, 5, 4), torch.zeros(2, 5, dtype=torch.int64), None),
      r"visual_mask must be a bool tensor, got (int64|Long)"),
     ("mask_uint8", lambda: (H(2, 5, 4), torch.zeros(2, 5, dtype=torch.uint8), None),
@@ -151,10 +151,10 @@ def _all(fn):
 
 # (id, maker of (keys, values, mask), message pattern)
 COMPACT_BAD = [
-    ("keys1_float64", _with(0, 1, lambda: H(2, 3, 8, 4, dtype=torch.float64)),
-     r"keys\[1\] must be float32, float16 or bfloat16"),
+    ("keys1_complex64", _with(0, 1, lambda: torch.zeros(2, 3, 8, 4, dtype=torch.complex64)),
+     r"keys\[1\] must be float32, float16, bfloat16 or float64, got (complex64|ComplexFloat)"),
     ("values0_int32", _with(1, 0, lambda: torch.ones(2, 3, 8, 6, dtype=torch.int32)),
-     r"values\[0\] must be float32, float16 or bfloat16"),
+     r"values\[0\] must be float32, float16, bfloat16 or float64"),
     ("mask_int", _mask(lambda: torch.zeros(2, 6, dtype=torch.int32)), r"visual_mask must be a bool tensor"),
     ("mask_1d", _mask(lambda: M(6)), r"visual_mask must be 2-D \[B, S\]"),
     ("mask_3d", _mask(lambda: M(2, 6, 1)), r"visual_mask must be 2-D \[B, S\]"),

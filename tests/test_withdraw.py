@@ -1,5 +1,5 @@
 """withdraw on the "torch" and "cpu" backends (Triton and CUDA have their own files): bit-exact
-against the loop reference of tests/_refs.py over float32/float16/bfloat16, odd and degenerate
+against the loop reference of tests/_refs.py over float32/float16/bfloat16/float64, odd and degenerate
 shapes, strided inputs, special payloads, autograd, opcheck and torch.compile."""
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .compat import torch as _torch_compat
 
+# What the attention ops compute in (float32 softmax), and what the data-moving ops (withdraw,
+# compact_kv_: they only copy bits) take: also float64, for double-precision references.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DATA_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -24,6 +27,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def check_float(t: torch.Tensor, op: str, name: str) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {_dtype_name(t.dtype)}")
+
+
+def check_data_float(t: torch.Tensor, op: str, name: str) -> None:
+    if t.dtype not in DATA_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {_dtype_name(t.dtype)}")
 
 
 def check_same_device(t: torch.Tensor, ref: torch.Tensor, op: str, name: str, ref_name: str) -> None:
@@ -48,7 +56,7 @@ def check_withdraw(hidden: torch.Tensor, visual_mask: torch.Tensor, num_keep) ->
         raise TypeError(f"{op}: hidden must be a tensor, got {type(hidden).__name__}")
     if hidden.dim() != 3:
         raise ValueError(f"{op}: hidden must be 3-D [B, S, D], got {hidden.dim()}-D with shape {list(hidden.shape)}")
-    check_float(hidden, op, "hidden")
+    check_data_float(hidden, op, "hidden")
     check_mask(visual_mask, op)
     check_same_device(visual_mask, hidden, op, "visual_mask", "hidden")
     if tuple(visual_mask.shape) != tuple(hidden.shape[:2]):
@@ -184,7 +192,7 @@ def check_compact_kv(keys, values, visual_mask: torch.Tensor) -> None:
                 raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
             if t.dim() != 4:
                 raise ValueError(f"{op}: {name} must be 4-D [B, H, S_cap, Dh], got {t.dim()}-D with shape {list(t.shape)}")
-            check_float(t, op, name)
+            check_data_float(t, op, name)
             check_same_device(t, visual_mask, op, name, "visual_mask")
             if t.shape[0] != B:
                 raise ValueError(

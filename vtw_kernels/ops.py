@@ -119,7 +119,7 @@ def withdraw(hidden: torch.Tensor, visual_mask: torch.Tensor, *, num_keep: int |
     """Withdraws the tokens marked True in `visual_mask` from `hidden`.
 
     Args:
-        hidden: ``[B, S, D]`` float32/float16/bfloat16, last dimension contiguous.
+        hidden: ``[B, S, D]`` float32/float16/bfloat16/float64, last dimension contiguous.
         visual_mask: ``[B, S]`` bool; True marks a token to withdraw.
         num_keep: output length ``S_keep``; default ``max(keep_lens)``. Giving it avoids a host
             synchronisation on the GPU paths. Below a row's kept count it is an error, never a

@@ -32,14 +32,20 @@ struct VecOf<2> {
   using type = uint16_t;
 };
 
-// `word` (32 bits) repeated over a vector; for a 2-byte vector, its low half.
-__device__ __forceinline__ void splat(uint4& v, uint32_t w) { v = make_uint4(w, w, w, w); }
-__device__ __forceinline__ void splat(uint2& v, uint32_t w) { v = make_uint2(w, w); }
-__device__ __forceinline__ void splat(uint32_t& v, uint32_t w) { v = w; }
-__device__ __forceinline__ void splat(uint16_t& v, uint32_t w) { v = static_cast<uint16_t>(w); }
+// `word` (64 bits, little-endian) repeated over a vector; for a 4- or 2-byte vector, its low
+// 32 or 16 bits (only dtypes of at most that size use those widths).
+__device__ __forceinline__ void splat(uint4& v, uint64_t w) {
+  const uint32_t lo = static_cast<uint32_t>(w), hi = static_cast<uint32_t>(w >> 32);
+  v = make_uint4(lo, hi, lo, hi);
+}
+__device__ __forceinline__ void splat(uint2& v, uint64_t w) {
+  v = make_uint2(static_cast<uint32_t>(w), static_cast<uint32_t>(w >> 32));
+}
+__device__ __forceinline__ void splat(uint32_t& v, uint64_t w) { v = static_cast<uint32_t>(w); }
+__device__ __forceinline__ void splat(uint16_t& v, uint64_t w) { v = static_cast<uint16_t>(w); }
 
 // The widest of 16, 8, 4 and 2 bytes dividing every quantity (addresses and byte strides, byte
-// lengths): the vector width at which every access is aligned. Float32/16/bf16 data is at
+// lengths): the vector width at which every access is aligned. Float64/32/16/bf16 data is at
 // least element-aligned, so the answer is >= the element size.
 inline int pick_vec_bytes(std::initializer_list<int64_t> quantities) {
   for (int v : {16, 8, 4, 2}) {
@@ -71,16 +77,19 @@ inline void dispatch_vec(int vec_bytes, F&& f) {
   }
 }
 
-// Bit pattern (two copies for 16-bit dtypes) of a quiet NaN of `dtype`: the value withdraw
-// writes into the rows it refuses to truncate (see withdraw.cu).
-inline uint32_t quiet_nan_word(at::ScalarType dtype) {
+// Bit pattern of a quiet NaN of `dtype` repeated over 64 bits (one float64, two float32, four
+// float16/bfloat16): the value withdraw writes into the rows it refuses to truncate (see
+// withdraw.cu).
+inline uint64_t quiet_nan_word(at::ScalarType dtype) {
   switch (dtype) {
+    case at::kDouble:
+      return 0x7FF8000000000000ull;
     case at::kFloat:
-      return 0x7FC00000u;
+      return 0x7FC000007FC00000ull;
     case at::kHalf:
-      return 0x7E007E00u;
+      return 0x7E007E007E007E00ull;
     case at::kBFloat16:
-      return 0x7FC07FC0u;
+      return 0x7FC07FC07FC07FC0ull;
     default:
       TORCH_CHECK(false, "vtw: internal error: no NaN pattern for ", dtype);
   }

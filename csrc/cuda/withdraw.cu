@@ -54,7 +54,7 @@ struct WithdrawParams {
   int64_t row_bytes;        // D * element size
   int64_t slots_per_block;  // T
   int64_t blocks_per_row;   // ceil(S_keep / T), at least 1 so keep_lens is always written
-  uint32_t nan_word;        // quiet-NaN bits of the dtype, for overflowing rows
+  uint64_t nan_word;        // quiet-NaN bits of the dtype (64 bits), for overflowing rows
   bool pad_left;
 };
 
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) withdraw_kernel(const __grid_constan
 
   // Copy: vector k of slot j, flattened over the block; kUnroll loads in flight per thread.
   V fill;
-  splat(fill, overflow ? p.nan_word : 0u);
+  splat(fill, overflow ? p.nan_word : uint64_t{0});
   const uint32_t nvec = static_cast<uint32_t>(p.row_bytes / static_cast<int64_t>(sizeof(V)));
   const uint32_t items = static_cast<uint32_t>(nslots) * nvec;  // host checks it fits
   const char* h_row0 = p.hidden + b * p.hs0;

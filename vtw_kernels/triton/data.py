@@ -1,7 +1,8 @@
 """Triton kernels that move tokens: withdraw and compact_kv_.
 
-They only move bits. Hidden states and caches are handled as same-size integer words (int64,
-int32 or int16, the widest that every address, stride and row length allows), never as
+They only move bits. Hidden states and caches (float64, float32, float16, bfloat16) are handled
+as integer words (int64, int32 or int16, the widest that every address, stride and row length
+allows, never narrower than an element: float64 always moves as int64), never as
 floats, so every copy is exact, also under Triton's interpreter (whose bfloat16 arithmetic is
 broken).
 
@@ -35,7 +36,8 @@ __all__ = ["withdraw", "compact_kv_"]
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _TL_INT_OF_SIZE = {2: tl.int16, 4: tl.int32, 8: tl.int64}
 # Quiet-NaN bit pattern of each dtype, as one element.
-_NAN_BITS = {torch.float32: (0x7FC00000, 4), torch.float16: (0x7E00, 2), torch.bfloat16: (0x7FC0, 2)}
+_NAN_BITS = {torch.float64: (0x7FF8000000000000, 8), torch.float32: (0x7FC00000, 4), torch.float16: (0x7E00, 2),
+             torch.bfloat16: (0x7FC0, 2)}
 
 
 def _word_size(esz: int, quantities) -> int:
