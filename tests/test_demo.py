@@ -107,6 +107,77 @@ def test_shipped_model_loads_and_answers():
     assert abs(acc["accuracy"] - info["held_out"]["accuracy"]) < 1e-9, (acc, info["held_out"])
     # it has learned to read the picture: far above the chance of a model that cannot see it
     assert acc["accuracy"] >= 0.9 > task.chance(held) + 0.5, acc
+    # shipped as vLLM serves it: heads of 32 (the exact widening of the trained 16; what it changed
+    # was measured at conversion time and recorded), every weight under its llava-hf name and loaded
+    assert model.config.text_config.head_dim == build.SHIPPED_HEAD_DIM == info["shipped"]["head_dim"] == 32
+    assert info["shipped"]["argmax_agreement"] == 1.0 and info["shipped"]["max_abs_logit_difference"] < 1e-4
+    assert info["shipped"]["held_out_accuracy"] == info["held_out"]["accuracy"]
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    with safe_open(str(embedded.MODEL_DIR / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and all(n.startswith(("vision_tower.vision_model.", "multi_modal_projector.",
+                                       "language_model.model.", "language_model.lm_head.")) for n in names), names
+    _, loading = AutoModelForImageTextToText.from_pretrained(embedded.MODEL_DIR, output_loading_info=True)
+    assert not any(loading.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), loading
+
+
+def test_widen_heads_keeps_the_outputs():
+    """The head widening the shipped model went through, on a fresh random model: outputs within
+    float rounding, rotary pairs and frequencies kept (a misplaced dimension would move them)."""
+    from vtw.embedded.train import Encoder
+
+    small = build.model(seed=5)
+    assert small.config.text_config.head_dim == build.TRAINED_HEAD_DIM == 16
+    wide = build.widen_heads(small)
+    assert wide.config.text_config.head_dim == 32
+    inputs = Encoder()(task.dataset(4, 21))
+    with torch.no_grad():
+        a, b = small(**inputs).logits, wide(**inputs).logits
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    # the zero dimensions stay zero: nothing but the trained weights (and the scale) is in there
+    for layer in wide.model.language_model.layers:
+        q = layer.self_attn.q_proj.weight.view(4, 32, -1)
+        assert (q[:, 1::2] == 0).all() and (layer.self_attn.o_proj.weight.view(-1, 4, 32)[:, :, 1::2] == 0).all()
+
+
+def test_chat_template_gives_the_task_prompt():
+    """The shipped chat template turns a conversation into exactly the task's prompt (what the demo
+    and vtw.enable are given) and the training conversations' text, byte for byte."""
+    from transformers import AutoProcessor
+
+    from vtw import embedded
+
+    proc = AutoProcessor.from_pretrained(embedded.MODEL_DIR)
+    tok = proc.tokenizer
+    rng = np.random.default_rng(8)
+    for kind in task.ALL_KINDS:
+        s = task.sample(rng, kind)
+        user = [{"type": "image"}, {"type": "text", "text": f"{s.question} {task.INSTRUCTION}"}]
+        for template_owner in (proc, tok):
+            text = template_owner.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                      add_generation_prompt=True)
+            assert text == tok.bos_token + task.prompt(s.question), text
+        # the ids vLLM makes from it (the template's text, no special tokens added) are the processor's
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == tok(task.prompt(s.question))["input_ids"]
+        # vLLM's "string" content format: the picture as "<image>\n" before the text
+        text_s = tok.apply_chat_template([{"role": "user", "content": "<image>\n" + user[1]["text"]}], tokenize=False)
+        assert text_s == text
+        # a multi-turn conversation is the training text
+        turns = task.conversation(s, 3, rng)
+        conv = []
+        for t, (q, a) in enumerate(turns):
+            content = [{"type": "text", "text": f"{q} {task.INSTRUCTION}"}]
+            conv += [{"role": "user", "content": ([{"type": "image"}] if t == 0 else []) + content},
+                     {"role": "assistant", "content": a}]
+        want, _ = task.conversation_text(turns)
+        assert proc.apply_chat_template(conv, tokenize=False) == tok.bos_token + want
+    # a system message replaces the system prompt; a text-only question has no picture
+    text = tok.apply_chat_template([{"role": "system", "content": "be brief ."},
+                                    {"role": "user", "content": "what color is the square ?"}], tokenize=False)
+    assert text == "<s>be brief . USER: what color is the square ? ASSISTANT:"
 
 
 def _pcts(line):

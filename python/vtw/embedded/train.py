@@ -257,12 +257,42 @@ def _train(*, steps, batch_size, lr, warmup, seed, threads, turns, log_every, ev
     return model, summary
 
 
-def save(model, out, summary: dict | None = None) -> None:
+@torch.no_grad()
+def compare_widened(trained, wide, samples, batch_size: int = 100) -> dict:
+    """How far the shipped (head-widened, :func:`vtw.embedded.build.widen_heads`) model's logits
+    are from the trained model's, at every position of the prompts of `samples` (the largest
+    absolute difference, and the fraction of positions whose argmax is the same)."""
+    encoder = Encoder()
+    diff, same, n = 0.0, 0, 0
+    for i in range(0, len(samples), batch_size):
+        inputs = encoder(samples[i:i + batch_size])
+        keep = inputs["attention_mask"].bool()
+        a = trained(**inputs).logits[keep]
+        b = wide(**inputs).logits[keep]
+        diff = max(diff, (a - b).abs().max().item())
+        same += int((a.argmax(-1) == b.argmax(-1)).sum())
+        n += a.shape[0]
+    return {"positions": n, "max_abs_logit_difference": diff, "argmax_agreement": same / n}
+
+
+def save(model, out, summary: dict | None = None, check_samples: int = 1000) -> None:
+    """Writes the shipped folder: the trained model with its heads widened to
+    ``build.SHIPPED_HEAD_DIM`` (an exact re-layout, checked here against the trained model on
+    `check_samples` held-out prompts and recorded in ``training.json`` under ``"shipped"``),
+    under the llava-hf weight names, with the processor, tokenizer and chat template."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model = model.eval()
+    wide = build.widen_heads(model)
+    held = task.dataset(check_samples, task.HELD_OUT_SEED)
+    shipped = {"head_dim": build.SHIPPED_HEAD_DIM, "trained_head_dim": build.TRAINED_HEAD_DIM,
+               **compare_widened(model, wide, held),
+               "held_out_accuracy": evaluate(wide, Encoder(), held)["accuracy"],
+               "weights_sha256": weights_sha256(wide)}
+    build.save_llava_hf(wide, out)
     build.processor().save_pretrained(out)
     if summary is not None:
+        summary = {**summary, "shipped": shipped}
         (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 

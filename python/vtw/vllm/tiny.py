@@ -38,27 +38,11 @@ def llava_config(layers: int = 4, hidden: int = 64, heads: int = 2, intermediate
 
 
 def _save_llava_hf_layout(model, folder: Path) -> None:
-    """Saves a LLaVA / LLaVA-NeXT (config, generation config, weights) under the llava-hf weight
-    names vLLM's loader wants (transformers 5.x saves `model.vision_tower.*` etc.; it loads both)."""
-    from safetensors.torch import save_file
+    """Saves a LLaVA / LLaVA-NeXT under the llava-hf weight names vLLM's loader wants (the
+    embedded model's saver: :func:`vtw.embedded.build.save_llava_hf`)."""
+    from vtw.embedded import build
 
-    model.save_pretrained(folder)
-    moves = (("model.vision_tower.vision_model.", "vision_tower.vision_model."),
-             ("model.vision_tower.", "vision_tower.vision_model."),
-             ("model.multi_modal_projector.", "multi_modal_projector."),
-             ("model.image_newline", "image_newline"),
-             ("model.language_model.", "language_model.model."),
-             ("lm_head.", "language_model.lm_head."))
-    sd = {}
-    for k, v in model.state_dict().items():
-        old, new = next(((o, n) for o, n in moves if k.startswith(o)), ("", ""))
-        sd[new + k[len(old):]] = v.contiguous()
-    for f in folder.glob("*.safetensors"):
-        f.unlink()
-    idx = folder / "model.safetensors.index.json"
-    if idx.exists():
-        idx.unlink()
-    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    build.save_llava_hf(model, folder)
 
 
 def _never_stop_on_eos(folder: Path) -> None:
