@@ -277,21 +277,21 @@ def compare_widened(trained, wide, samples, batch_size: int = 100) -> dict:
 
 def save(model, out, summary: dict | None = None, check_samples: int = 1000) -> None:
     """Writes the shipped folder: the trained model with its heads widened to
-    ``build.SHIPPED_HEAD_DIM`` (an exact re-layout, checked here against the trained model on
-    `check_samples` held-out prompts and recorded in ``training.json`` under ``"shipped"``),
+    ``build.SHIPPED_HEAD_DIM`` (an exact re-layout; with a `summary`, checked against the trained
+    model on `check_samples` held-out prompts and recorded in ``training.json`` under ``"shipped"``),
     under the llava-hf weight names, with the processor, tokenizer and chat template."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     wide = build.widen_heads(model)
-    held = task.dataset(check_samples, task.HELD_OUT_SEED)
-    shipped = {"head_dim": build.SHIPPED_HEAD_DIM, "trained_head_dim": build.TRAINED_HEAD_DIM,
-               **compare_widened(model, wide, held),
-               "held_out_accuracy": evaluate(wide, Encoder(), held)["accuracy"],
-               "weights_sha256": weights_sha256(wide)}
     build.save_llava_hf(wide, out)
     build.processor().save_pretrained(out)
-    if summary is not None:
+    if summary is not None:  # the training run's record, with the check of the widening
+        held = task.dataset(check_samples, task.HELD_OUT_SEED)
+        shipped = {"head_dim": build.SHIPPED_HEAD_DIM, "trained_head_dim": build.TRAINED_HEAD_DIM,
+                   **compare_widened(model, wide, held),
+                   "held_out_accuracy": evaluate(wide, Encoder(), held)["accuracy"],
+                   "weights_sha256": weights_sha256(wide)}
         summary = {**summary, "shipped": shipped}
         (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
 
