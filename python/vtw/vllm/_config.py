@@ -4,6 +4,7 @@ adjusts, with a logged warning) what vtw cannot honour."""
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 logger = logging.getLogger("vllm.vtw")
@@ -19,6 +20,13 @@ FAMILIES = {
     "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL",
 }
 _TOKEN_ID_NAMES = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+
+
+class SettingError(ValueError):
+    """A vtw setting (``vtw_layer`` / ``vtw_kv`` in ``hf_overrides``) the engine cannot honour. Its
+    message is one line that names the setting and what is accepted. Raised while vLLM builds its
+    config (pydantic wraps it in a ValidationError there); a process that does not catch it (the
+    OpenAI server at start) prints only that line (:func:`_excepthook`) and exits with status 1."""
 
 
 @dataclass(frozen=True)
@@ -52,35 +60,36 @@ def visual_token_ids(hf_config) -> tuple[int, ...]:
 
 def settings(model_config) -> Settings | None:
     """The withdrawal asked for by this model config, validated; None when ``vtw_layer`` is not
-    given (stock vLLM). Raises ValueError on a setting vtw cannot honour."""
+    given (stock vLLM). Raises SettingError on a setting vtw cannot honour."""
     hf = model_config.hf_config
     layer = _get(hf, "vtw_layer")
     kv = _get(hf, "vtw_kv")
     if layer is None:
         if kv is not None:
-            raise ValueError("vtw.vllm: hf_overrides has vtw_kv but no vtw_layer; add "
-                             '"vtw_layer": K (the first decoder layer without visual tokens)')
+            raise SettingError("vtw.vllm: hf_overrides has vtw_kv but no vtw_layer; add "
+                               '"vtw_layer": K (an int, the first decoder layer without visual tokens) or drop vtw_kv')
         return None
     from ._version import check
 
     check()
     arch = model_config.architecture
     if arch not in FAMILIES:
-        raise ValueError(f"vtw.vllm: vtw_layer was given for a {arch} model, but vtw.vllm knows only "
-                         f"{', '.join(sorted(FAMILIES))}; drop vtw_layer to run it as stock vLLM")
+        raise SettingError(f"vtw.vllm: vtw_layer was given for a {arch} model, but vtw.vllm knows only "
+                           f"{', '.join(sorted(FAMILIES))}; drop vtw_layer to run it as stock vLLM")
     num_layers = int(model_config.hf_text_config.num_hidden_layers)
     if isinstance(layer, bool) or not isinstance(layer, int):
-        raise ValueError(f"vtw.vllm: vtw_layer must be an int, got {layer!r}")
+        raise SettingError(f"vtw.vllm: vtw_layer must be an int in [0, {num_layers}] (a JSON number), got "
+                           f"{layer!r} ({type(layer).__name__})")
     if not 0 <= layer <= num_layers:
-        raise ValueError(f"vtw.vllm: vtw_layer must be in [0, {num_layers}] (this model has {num_layers} "
-                         f"decoder layers; {num_layers} withdraws nothing), got {layer}")
+        raise SettingError(f"vtw.vllm: vtw_layer must be in [0, {num_layers}] (this model has {num_layers} "
+                           f"decoder layers; {num_layers} withdraws nothing), got {layer}")
     kv = DEFAULT_KV if kv is None else kv
     if kv not in KV_MODES:
-        raise ValueError(f"vtw.vllm: vtw_kv must be one of {KV_MODES}, got {kv!r}")
+        raise SettingError(f"vtw.vllm: vtw_kv must be one of {', '.join(map(repr, KV_MODES))}, got {kv!r}")
     token_ids = visual_token_ids(hf)
     if not token_ids:
-        raise ValueError(f"vtw.vllm: the {arch} config has no image/video token id "
-                         f"({', '.join(_TOKEN_ID_NAMES)}); vtw cannot tell the visual tokens")
+        raise SettingError(f"vtw.vllm: the {arch} config has no image/video token id "
+                           f"({', '.join(_TOKEN_ID_NAMES)}); vtw cannot tell the visual tokens")
     return Settings(layer, num_layers, kv, token_ids, FAMILIES[arch])
 
 
@@ -93,15 +102,15 @@ def verify(vllm_config) -> Settings | None:
     if s is None or not s.active:
         return s
     if s.kv == "text_only" and getattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", None) is True:
-        raise ValueError('vtw.vllm: vtw_kv="text_only" puts the deep layers in KV cache groups of their own, which '
-                         "needs vLLM's hybrid KV cache manager; drop disable_hybrid_kv_cache_manager, or pass "
-                         '"vtw_kv": "shared"')
+        raise SettingError('vtw.vllm: vtw_kv="text_only" puts the deep layers in KV cache groups of their own, which '
+                           "needs vLLM's hybrid KV cache manager; drop disable_hybrid_kv_cache_manager, or pass "
+                           '"vtw_kv": "shared"')
     pc = vllm_config.parallel_config
     if getattr(pc, "pipeline_parallel_size", 1) != 1:
-        raise ValueError("vtw.vllm: pipeline parallelism is not supported with vtw_layer; use "
-                         "tensor parallelism (tensor_parallel_size) or drop vtw_layer")
+        raise SettingError("vtw.vllm: pipeline parallelism is not supported with vtw_layer; use "
+                           "tensor parallelism (tensor_parallel_size) or drop vtw_layer")
     if getattr(vllm_config, "speculative_config", None) is not None:
-        raise ValueError("vtw.vllm: speculative decoding is not supported with vtw_layer")
+        raise SettingError("vtw.vllm: speculative decoding is not supported with vtw_layer")
     cc = vllm_config.cache_config
     if getattr(cc, "enable_prefix_caching", False):
         logger.warning("vtw.vllm: turning prefix caching off: with vtw_layer the deep layers keep a "
@@ -120,6 +129,48 @@ def verify(vllm_config) -> Settings | None:
 _installed = False
 
 
+def setting_error(exc: BaseException | None) -> SettingError | None:
+    """The :class:`SettingError` behind `exc`, if any: itself, the error a pydantic ValidationError
+    wraps (vLLM's config is a pydantic dataclass), or one in its cause / context chain."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, SettingError):
+            return exc
+        errors = getattr(exc, "errors", None)
+        if callable(errors) and type(exc).__name__ == "ValidationError":
+            try:
+                for err in errors():
+                    inner = (err.get("ctx") or {}).get("error")
+                    if isinstance(inner, SettingError):
+                        return inner
+            except Exception:
+                pass
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _excepthook(exc_type, exc, tb, _previous=None):
+    """An uncaught vtw setting error ends the process with its one line on stderr (status 1)
+    instead of a traceback through vLLM's start-up; anything else goes to the previous hook."""
+    err = setting_error(exc)
+    if err is None:
+        return (_previous or sys.__excepthook__)(exc_type, exc, tb)
+    print(f"error: {err}", file=sys.stderr, flush=True)
+
+
+def _install_excepthook() -> None:
+    previous = sys.excepthook
+    if getattr(previous, "_vtw", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        return _excepthook(exc_type, exc, tb, previous)
+
+    hook._vtw = True
+    sys.excepthook = hook
+
+
 def install(supported: bool) -> None:
     """Hooks :func:`verify` into vLLM's config building (VllmConfig.try_verify_and_update_config,
     run in VllmConfig.__post_init__ before the compilation mode is settled). On a vLLM version
@@ -128,6 +179,7 @@ def install(supported: bool) -> None:
     if _installed:
         return
     _installed = True
+    _install_excepthook()
     try:
         from vllm.config import VllmConfig
     except Exception as e:  # never break vLLM's start-up
