@@ -23,11 +23,37 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # FlashAttention's list (Ampere, Hopper, Blackwell), with PTX of the newest for later GPUs.
 DEFAULT_ARCHS = "8.0;9.0;10.0;12.0+PTX"
+# The torch releases vtw supports (major, minor), first and last: pyproject.toml's
+# `torch>=2.11,<2.16` says the same (tests/test_packaging.py checks that they agree).
+TORCH_RANGE = ((2, 11), (2, 15))
 _WITH_CUDA = False
 
 
 def _log(msg: str) -> None:
     print(f"[vtw setup] {msg}", file=sys.stderr)
+
+
+def _check_torch() -> None:
+    """One clear error, before anything compiles, when the torch the extension would be compiled
+    against is missing or outside TORCH_RANGE (the compiled library only loads into the torch it
+    was built with)."""
+    lo, hi = TORCH_RANGE
+    wanted = f"torch {lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}"
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit(
+            f"[vtw setup] torch is not importable here. vtw compiles against the torch it will run "
+            f"with: install {wanted} first, then build without build isolation: "
+            f"`pip install --no-build-isolation .` (a plain `pip install .` builds in an isolated "
+            f"environment without your torch)") from None
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    have = (int(m.group(1)), int(m.group(2))) if m else None
+    if have is None or not lo <= have <= hi:
+        raise SystemExit(
+            f"[vtw setup] torch {torch.__version__} is outside the supported range ({wanted}); "
+            f"install a torch in that range (e.g. `pip install 'torch>={lo[0]}.{lo[1]},"
+            f"<{hi[0]}.{hi[1] + 1}'`), then build again")
 
 
 def _find_cuda_home() -> str | None:
@@ -62,7 +88,8 @@ def _find_cuda_home() -> str | None:
 
 
 def _pip_cuda_includes() -> list[str]:
-    """Headers of the pip CUDA wheels (ATen's CUDA headers include cusparse.h, cublas.h, ...)."""
+    """Headers of the pip CUDA wheels (ATen's CUDA headers include cusparse.h, cublas.h, ...,
+    which a minimal toolkit lacks)."""
     out = []
     try:
         import nvidia  # the namespace package of the nvidia-* wheels torch depends on
@@ -72,6 +99,35 @@ def _pip_cuda_includes() -> list[str]:
     except ImportError:
         pass
     return [p for p in out if os.path.isdir(p)]
+
+
+def _cuda_version_h(include_dir: str) -> tuple[int, int] | None:
+    """The CUDA version (major, minor) whose headers lie in include_dir (from cuda.h)."""
+    try:
+        with open(os.path.join(include_dir, "cuda.h")) as f:
+            m = re.search(r"#define\s+CUDA_VERSION\s+(\d+)", f.read())
+    except OSError:
+        return None
+    return (int(m.group(1)) // 1000, int(m.group(1)) % 1000 // 10) if m else None
+
+
+def _cuda_include_dirs(cuda_home: str) -> list[str]:
+    """Include folders for the CUDA build: the toolkit's own headers first, then the pip CUDA
+    wheels' for the libraries the toolkit lacks. The toolkit's must win: torch's CUDA wheels may
+    carry a newer CUDA (torch 2.15: 13.2) than the machine's nvcc (13.0), and nvcc refuses the
+    newer runtime headers (cuda_toolkit.h: "CUDA compiler and CUDA toolkit headers are
+    incompatible"). A toolkit whose major version differs from torch's CUDA is refused by
+    torch.utils.cpp_extension itself, with its own message."""
+    toolkit = os.path.join(cuda_home, "include")
+    pip = _pip_cuda_includes()
+    tk_v = _cuda_version_h(toolkit)
+    newer = [(p, v) for p in pip if (v := _cuda_version_h(p)) is not None and tk_v is not None and v > tk_v]
+    if newer:
+        p, v = newer[0]
+        _log(f"the CUDA toolkit's headers ({toolkit}, CUDA {tk_v[0]}.{tk_v[1]}) come before the pip "
+             f"CUDA headers ({p}, CUDA {v[0]}.{v[1]}): nvcc {tk_v[0]}.{tk_v[1]} cannot compile the "
+             "newer runtime headers; the pip ones only serve the libraries the toolkit lacks")
+    return [toolkit] + [p for p in pip if os.path.realpath(p) != os.path.realpath(toolkit)]
 
 
 def _max_jobs() -> str:
@@ -104,6 +160,7 @@ def _want_cuda() -> tuple[bool, str]:
 
 
 def _extensions():
+    _check_torch()
     cuda_home = None if os.environ.get("VTW_BUILD_CUDA") == "0" else _find_cuda_home()
     if cuda_home:
         # torch.utils.cpp_extension reads CUDA_HOME at import: set it first.
@@ -130,7 +187,7 @@ def _extensions():
         ext = CUDAExtension(
             "vtw_kernels._C",
             sources,
-            include_dirs=[os.path.join(ROOT, "csrc")] + _pip_cuda_includes(),
+            include_dirs=[os.path.join(ROOT, "csrc")] + _cuda_include_dirs(os.environ["CUDA_HOME"]),
             define_macros=define_macros + [("VTW_WITH_CUDA", None)],
             extra_compile_args={
                 "cxx": cxx,
@@ -168,12 +225,15 @@ def _build_ext():
     return Build.with_options(no_python_abi_suffix=True)
 
 
-setup(
-    packages=find_packages(include=["vtw_kernels", "vtw_kernels.*"])
-    + find_packages("python", include=["vtw", "vtw.*"]),
-    package_dir={"vtw_kernels": "vtw_kernels", "vtw": "python/vtw"},
-    package_data={"vtw": ["embedded/model/*.json", "embedded/model/*.safetensors"]},
-    ext_modules=_extensions(),
-    cmdclass={"build_ext": _build_ext()},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
-)
+# Guarded so that tests can import this file for its helpers; pip (setuptools.build_meta) and
+# `python setup.py ...` both run it as __main__.
+if __name__ == "__main__":
+    setup(
+        packages=find_packages(include=["vtw_kernels", "vtw_kernels.*"])
+        + find_packages("python", include=["vtw", "vtw.*"]),
+        package_dir={"vtw_kernels": "vtw_kernels", "vtw": "python/vtw"},
+        package_data={"vtw": ["embedded/model/*.json", "embedded/model/*.safetensors"]},
+        ext_modules=_extensions(),
+        cmdclass={"build_ext": _build_ext()},
+        options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    )

@@ -3,7 +3,7 @@
 # needs and builds the package in editable mode. Safe to run again: it reuses what is there and
 # the build is incremental. Source it or run it; other scripts call it.
 #
-#   VTW_ENV=main|gpu-image|vllm   the version set (scripts/envs/NAME.sh; default main). One tree
+#   VTW_ENV=newest|gpu-image|vllm the version set (scripts/envs/NAME.sh; default newest). One tree
 #                             holds one set (the compiled _C.so lives in the tree): to test
 #                             another set use `bash scripts/matrix.sh NAME`, which runs the test
 #                             command in a copy of the tree under .matrix/NAME.
@@ -16,23 +16,26 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-env_name="${VTW_ENV:-main}"
+env_name="${VTW_ENV:-newest}"
 env_file="scripts/envs/${env_name}.sh"
 if [ ! -f "$env_file" ]; then
   echo "[setup_env] VTW_ENV=$env_name: no $env_file (sets: $(ls scripts/envs | sed 's/\.sh$//' | tr '\n' ' '))" >&2
   exit 2
 fi
-VTW_ENV_PYTHON="" VTW_ENV_TORCH="" VTW_ENV_PACKAGES="" VTW_ENV_INDEX_ARGS=""
+VTW_ENV_PYTHON="" VTW_ENV_PYTHON_HINT="" VTW_ENV_TORCH="" VTW_ENV_PACKAGES="" VTW_ENV_INDEX_ARGS=""
 # shellcheck disable=SC1090
 source "$env_file"
 if [ -z "$VTW_ENV_PYTHON" ] || ! "$VTW_ENV_PYTHON" -c 'pass' 2>/dev/null; then
-  echo "[setup_env] VTW_ENV=$env_name: no Python interpreter for this set (got '$VTW_ENV_PYTHON'; set VTW_PYTHON)" >&2
+  echo "[setup_env] VTW_ENV=$env_name: no Python interpreter for this set (got '$VTW_ENV_PYTHON'): ${VTW_ENV_PYTHON_HINT:-set VTW_PYTHON}" >&2
   exit 2
 fi
 
 if [ -x .venv/bin/python ]; then
   have="$(cat .venv/vtw-env 2>/dev/null || echo main)"
-  if [ "$have" != "$env_name" ]; then
+  if [ "$have" = main ] && [ "$env_name" = newest ]; then
+    echo "[setup_env] .venv holds the former default set 'main' (Python 3.11, torch 2.14.1); the default is now 'newest' (Python 3.13, torch 2.15.0): remove .venv to build it" >&2
+    exit 2
+  elif [ "$have" != "$env_name" ]; then
     echo "[setup_env] .venv holds the '$have' set, not '$env_name': run 'bash scripts/matrix.sh $env_name' (a copy of the tree), or remove .venv" >&2
     exit 2
   fi
@@ -44,11 +47,11 @@ fi
 source .venv/bin/activate
 
 python -m pip install -q --upgrade pip
-# torch first (on main and gpu-image the CUDA 13 build: it compiles CUDA code without a GPU),
+# torch first (on newest and gpu-image the CUDA 13 build: it compiles CUDA code without a GPU),
 # then the build tools, then vtw itself without build isolation so it compiles against this
 # very torch. The set's pins are repeated with the test tools so pip never moves torch.
 # shellcheck disable=SC2086
-python -m pip install -q $VTW_ENV_INDEX_ARGS "$VTW_ENV_TORCH" ninja pybind11 "setuptools>=64" wheel numpy
+python -m pip install -q $VTW_ENV_INDEX_ARGS "$VTW_ENV_TORCH" ninja pybind11 "setuptools>=77" wheel numpy
 # shellcheck disable=SC2086
 python -m pip install -q $VTW_ENV_INDEX_ARGS "$VTW_ENV_TORCH" $VTW_ENV_PACKAGES \
   pytest pytest-benchmark hypothesis tqdm pillow

@@ -10,7 +10,7 @@ bash scripts/setup_env.sh
 source .venv/bin/activate
 VTW_ENV_TESTS=""
 # shellcheck disable=SC1090
-source "scripts/envs/${VTW_ENV:-main}.sh"
+source "scripts/envs/${VTW_ENV:-newest}.sh"
 if [ -f examples/build_and_run.sh ] && [ "${VTW_CMAKE:-1}" != 0 ]; then
   bash examples/build_and_run.sh
 fi

@@ -544,7 +544,7 @@ import torch
 from vtw_kernels.compat import triton as ct
 from vtw_kernels.triton import attention as tri
 
-ptxas = ct.bundled_ptxas()
+ptxas = ct.ptxas(90)  # the assembler Triton itself uses for sm_90 (its choice differs by version)
 if ptxas is None:
     print("NOPTXAS"); sys.exit(0)
 TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -624,7 +624,7 @@ def test_gpu_kernels_compile_for_sm90_without_spills(tmp_path):
     for proc in procs:
         out, err = proc.communicate(timeout=1800)
         if out.startswith("NOPTXAS"):
-            pytest.skip("Triton's bundled ptxas is not here")
+            pytest.skip("Triton has no ptxas for sm_90 here")
         assert proc.returncode == 0 and out.rstrip().endswith("OK"), out[-2000:] + err[-4000:]
         rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     table = "\n".join(f"{r['kernel']:7} {r['config']:55} {r['registers']:4} registers {r['spill']:5} bytes spilled"

@@ -1,7 +1,7 @@
-"""What differs between the supported Triton versions (3.6, 3.7, 3.8), and what vtw does about it.
+"""What differs between the supported Triton versions (3.6 to 3.9), and what vtw does about it.
 
 This is the only place in vtw that looks at Triton's version. The kernels themselves
-(vtw_kernels/triton/*) are written once, in the language that all three versions accept
+(vtw_kernels/triton/*) are written once, in the language that all these versions accept
 (``tl.cumsum``, ``tl.debug_barrier``, ``tl.dot(..., input_precision=...)``, ``tl.multiple_of``,
 int-to-pointer casts with ``.to(tl.pointer_type(...))``); nothing there is version-dependent.
 
@@ -24,16 +24,24 @@ int-to-pointer casts with ``.to(tl.pointer_type(...))``); nothing there is versi
    the compiler cannot lower: ``'block_argument' object has no attribute 'get_element_ty'``) and
    should use its own cache directory, so that no earlier compile can answer for it.
    :func:`aot_compile` wraps that call.
+
+3. The assembler for a target. Triton picks the ptxas it assembles with per architecture
+   (``triton.backends.nvidia.compiler.get_ptxas(arch)``, the same call in 3.6 to 3.9): 3.6 to
+   3.8 take the bundled ``bin/ptxas`` below sm_100, but 3.9 takes ``bin/ptxas-blackwell`` from
+   sm_90 on and emits PTX of a version (9.4) that the older bundled ptxas (CUDA 12.9) refuses
+   (``ptxas fatal: Unsupported .version 9.4``). :func:`ptxas` asks Triton, so a spill check
+   assembles exactly as Triton would (honouring ``TRITON_PTXAS_PATH`` and the like).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
 
 import triton
 
-__all__ = ["VERSION", "interpreting", "install_interpreter_fixes", "aot_compile", "bundled_ptxas"]
+__all__ = ["VERSION", "interpreting", "install_interpreter_fixes", "aot_compile", "ptxas"]
 
 
 def _parse(version: str) -> tuple[int, int]:
@@ -74,10 +82,16 @@ def install_interpreter_fixes() -> None:
     _fixed = True
 
 
-def bundled_ptxas() -> str | None:
-    """Path of the ptxas that ships with Triton's NVIDIA backend, or None."""
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return path if os.path.exists(path) else None
+def ptxas(arch: int = 90) -> str | None:
+    """Path of the ptxas Triton assembles ``sm_<arch>`` code with (item 3 of the module
+    docstring), or None when this Triton has no usable NVIDIA assembler."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        path = get_ptxas(arch).path
+    except (ImportError, AttributeError, RuntimeError, OSError, subprocess.SubprocessError):
+        return None
+    return path if path and os.path.exists(path) else None
 
 
 def aot_compile(kernel, signature: dict, constexprs: dict, *, attrs: dict | None = None, arch: int = 90,
