@@ -1,6 +1,6 @@
-"""What differs between the torch releases vtw supports (2.11 to 2.14), in one place.
+"""What differs between the torch releases vtw supports (2.11 to 2.15), in one place.
 
-- **Messages of ``torch._check`` under Dynamo.** torch 2.13 and 2.14 trace a message given as a
+- **Messages of ``torch._check`` under Dynamo.** torch 2.13 to 2.15 trace a message given as a
   closure (``lambda: f"... {x}"``); torch 2.11 stops the trace ("Can't extract message from
   torch._check()"), which broke ``torch.compile(fullgraph=True)`` over the typed wrappers.
   :func:`check` passes the message where it can be traced and drops it while compiling on older
@@ -8,10 +8,10 @@
 - **Inductor and views of one buffer mutated by a custom op** (upstream bugs, no vtw code
   involved; pure-PyTorch reproductions in tests/test_compact_kv.py):
   (a) dynamic shapes, one graph input whose two views are mutated: the second view loses its
-  storage offset (2.11, 2.13, 2.14);
+  storage offset (2.11, 2.13, 2.14, 2.15);
   (b) static shapes, several graph inputs that are views of one buffer: the mutated values come
-  back as garbage on 2.11, right on 2.13 and 2.14;
-  (c) dynamic shapes, the same graph inputs as (b): wrong on 2.13 and 2.14, right on 2.11.
+  back as garbage on 2.11, right on 2.13 to 2.15;
+  (c) dynamic shapes, the same graph inputs as (b): wrong on 2.13 to 2.15, right on 2.11.
   :data:`INDUCTOR_ALIASED_INPUTS_OK` says, per ``dynamic``, whether (b)/(c) hold on this torch.
 
 2.12 was not tested; it is treated as 2.11 (the older behaviour) throughout.
