@@ -64,8 +64,8 @@ across tokens that were withdrawn. FlashAttention-2 is untested (not installed h
 from __future__ import annotations
 
 import functools
-import weakref
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -119,14 +119,7 @@ def enable(model: nn.Module, layer: int, *, visual_mask=None, mode: str = "withd
         raise ValueError(f"vtw.enable: {type(model).__name__} has no image/video token id in its config "
                          "(image_token_id, video_token_id); pass visual_mask= (a callable returning the [B, S] "
                          "bool mask of visual tokens)")
-    layer_types = getattr(wiring.text_model.config, "layer_types", None)
-    if layer_types is not None:
-        for i in range(layer, num_layers):
-            if layer_types[i] != "full_attention":
-                raise NotImplementedError(
-                    f"vtw.enable: decoder layer {i} of {type(wiring.text_model).__name__} is {layer_types[i]!r}; "
-                    "withdrawal supports full-attention layers from `layer` on (a sliding window over "
-                    "withdrawn positions is not defined)")
+    _check_supported(model, wiring, layer)
     if getattr(wiring.text_model, "_vtw_state", None) is not None:
         _uninstall(wiring.text_model._vtw_state)
     state = _State(wiring, layer, mode, visual_mask)
@@ -150,6 +143,74 @@ def is_enabled(model: nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# What vtw can prove exact
+
+#: Decoder-layer parameters vtw handles (gathers, rebuilds, passes through unchanged as they
+#: carry no per-token data). Any other named parameter of a layer >= K is refused.
+_LAYER_PARAMS = frozenset({
+    "self", "hidden_states", "attention_mask", "position_ids", "position_embeddings", "cache", "past_key_values",
+    "past_key_value", "use_cache", "cache_position", "output_attentions", "output_router_logits", "kwargs", "args",
+})
+
+_LAYER_TYPE_REASONS = {
+    "sliding_attention": "a sliding window over withdrawn positions is not implemented",
+    "chunked_attention": "chunked attention over withdrawn positions is not defined",
+    "linear_attention": "a linear-attention (recurrent) layer has no per-token keys to withdraw from",
+    "conv": "a convolution mixes neighbouring tokens, withdrawn or not",
+}
+
+
+def _check_supported(model, wiring: _models.Wiring, layer: int) -> None:
+    """Refuses, with one error naming the model class and the reason, whatever vtw cannot prove
+    gives exactly the withdrawn model from layer `layer` on. Layers < `layer` run unchanged."""
+    name = type(model).__name__
+    text = wiring.text_model
+    tcfg = text.config
+    layer_types = getattr(tcfg, "layer_types", None)
+    for i in range(layer, len(wiring.layers)):
+        lay = wiring.layers[i]
+        cls = type(lay).__name__
+        if "CrossAttention" in cls:
+            raise NotImplementedError(f"vtw.enable: {name} is not supported: decoder layer {i} ({cls}) is a "
+                                      "cross-attention layer; vision that enters through cross-attention has no "
+                                      "tokens to withdraw")
+        if layer_types is not None and layer_types[i] != "full_attention":
+            reason = _LAYER_TYPE_REASONS.get(layer_types[i], "vtw handles full-attention layers only")
+            raise NotImplementedError(
+                f"vtw.enable: {name} is not supported at layer={layer}: decoder layer {i} of {type(text).__name__} "
+                f"is {layer_types[i]!r} ({reason}); choose a layer after the last such layer")
+        try:
+            params = inspect.signature(type(lay).forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        extra = [p for p in params if p not in _LAYER_PARAMS]
+        if extra:
+            raise NotImplementedError(
+                f"vtw.enable: {name} is not supported at layer={layer}: decoder layer {i} ({cls}) takes "
+                f"{', '.join(extra)}, which vtw does not gather to the withdrawn layout (it handles "
+                "attention_mask, position_embeddings, position_ids and the cache)")
+    if layer < len(wiring.layers):
+        bidir = getattr(tcfg, "use_bidirectional_attention", None)
+        if bidir:
+            raise NotImplementedError(f"vtw.enable: {name} is not supported: its text decoder attends "
+                                      f"bidirectionally (use_bidirectional_attention={bidir!r}); vtw's deep layers "
+                                      "are causal")
+        if getattr(tcfg, "attention_chunk_size", None) is not None:
+            raise NotImplementedError(f"vtw.enable: {name} is not supported: its text decoder uses chunked "
+                                      f"attention (attention_chunk_size={tcfg.attention_chunk_size})")
+        if _tf.CHECKPOINT_REPLAYS_CALL and any(getattr(lay, "gradient_checkpointing", False)
+                                               for lay in wiring.layers[layer:]):
+            raise NotImplementedError(_checkpoint_error(name))
+
+
+def _checkpoint_error(name: str) -> str:
+    return (f"vtw.enable: gradient checkpointing with withdrawal is not supported on this transformers "
+            f"({_tf.transformers.__version__}: it replays a checkpointed layer through vtw's wrapper after the "
+            f"forward's state is gone); disable it on {name} (model.gradient_checkpointing_disable()) or use a "
+            "transformers whose checkpointing wraps the layer's forward (5.25 does; 5.17-5.19 replay the whole call)")
+
+
+# --------------------------------------------------------------------------------------------
 # Installation
 
 
@@ -170,6 +231,8 @@ class _State:
         self.generator_attr = None
         self.pending: _Pending | None = None  # the withdraw mask etc. of the forward in progress
         self.deep: _Deep | None = None  # the deep layers' tensors of the forward in progress
+        self.in_deep = False  # layer K has run in the forward in progress (DeepStack is skipped from then on)
+        self.gen_padding = None  # ((B, S), [B, S] padding or None): generate's, for its next forward (static cache)
 
     @property
     def config(self):
@@ -187,10 +250,22 @@ class _State:
         return t
 
 
-def _keep_2d_mask(*args, attention_mask=None, **kwargs):
-    """Replaces `create_masks_for_generate` while vtw is enabled: generate then passes the 2D
-    padding mask (which the deep layers need) instead of prebuilt 4D masks."""
-    return attention_mask
+def _capture_padding(state: _State, orig, *args, **kwargs):
+    """Wraps `create_masks_for_generate` while vtw withdraws: for a compileable (static) cache,
+    generate builds the model's 4-D masks from its growing 2-D padding mask before each forward.
+    The model keeps receiving those fixed-size masks (its own mask path is untouched, so a compiled
+    forward does not recompile per step); vtw records this chunk's [B, S] padding, the only part of
+    the 2-D mask its deep layers need."""
+    am = kwargs.get("attention_mask")
+    embeds = kwargs.get("inputs_embeds")
+    state.gen_padding = None
+    if isinstance(embeds, torch.Tensor):
+        B, S = embeds.shape[:2]
+        if am is None:  # no padding mask at all (generate drops an all-ones one)
+            state.gen_padding = ((B, S), None)
+        elif isinstance(am, torch.Tensor) and am.ndim == 2:
+            state.gen_padding = ((B, S), am[:, am.shape[1] - S:] == 0)
+    return orig(*args, **kwargs)
 
 
 def _install(state: _State) -> None:
@@ -199,26 +274,43 @@ def _install(state: _State) -> None:
         if "forward" in layer.__dict__:
             raise RuntimeError(f"vtw.enable: decoder layer {i} already has a patched forward (another tool?); "
                                "vtw will not stack on top of it")
-        orig = layer.forward
-        layer.forward = functools.partial(_layer_forward, state, i, orig)
+    if not state.active:  # layer == L: nothing is withdrawn, nothing is added to the model
+        w.text_model._vtw_state = state
+        return
+    # The hooks and wrappers hold the state itself (no weak reference), so that copy.deepcopy of
+    # an enabled model copies the state with it and the copy's hooks act on the copy.
+    for i, layer in enumerate(w.layers):
+        layer.forward = functools.partial(_layer_forward, state, i, layer)
     # The visual mask, once per forward, before the vision tower and the decoder run.
-    ref = weakref.ref(state)
     state.handles.append(w.outer.register_forward_pre_hook(
-        functools.partial(_pre_hook, ref, w.outer_params), with_kwargs=True))
+        functools.partial(_pre_hook, state, w.outer_params), with_kwargs=True))
     if w.text_model is not w.outer:
         state.handles.append(w.text_model.register_forward_pre_hook(
-            functools.partial(_pre_hook, ref, w.text_params), with_kwargs=True))
-    state.handles.append(w.text_model.register_forward_hook(functools.partial(_clear_hook, ref), always_call=True))
+            functools.partial(_pre_hook, state, w.text_params), with_kwargs=True))
+    state.handles.append(w.text_model.register_forward_hook(functools.partial(_clear_hook, state), always_call=True))
     if w.outer is not w.text_model:
-        state.handles.append(w.outer.register_forward_hook(functools.partial(_clear_hook, ref), always_call=True))
-    # generate() builds 4D masks itself for compileable caches; vtw needs the 2D one.
+        state.handles.append(w.outer.register_forward_hook(functools.partial(_clear_hook, state), always_call=True))
+    # Qwen3-VL's DeepStack adds vision features to the visual positions after its first layers;
+    # from layer K on those positions are withdrawn (no text token attends to them): skipped.
+    if "_deepstack_process" not in w.text_model.__dict__ and callable(getattr(w.text_model, "_deepstack_process", None)):
+        w.text_model._deepstack_process = functools.partial(_deepstack, state, w.text_model)
+    # generate() builds 4D masks itself for compileable caches: vtw records the padding from them.
     gen = w.model if hasattr(w.model, "generate") else None
     if gen is not None:
+        from transformers import masking_utils
+
         state.generator = gen
         state.generator_had_attr = "create_masks_for_generate" in gen.__dict__
         state.generator_attr = gen.__dict__.get("create_masks_for_generate")
-        gen.create_masks_for_generate = _keep_2d_mask
+        orig = getattr(gen, "create_masks_for_generate", masking_utils.create_masks_for_generate)
+        gen.create_masks_for_generate = functools.partial(_capture_padding, state, orig)
     w.text_model._vtw_state = state
+
+
+def _deepstack(state: _State, text_model, hidden_states, *args, **kwargs):
+    if state.in_deep:
+        return hidden_states
+    return type(text_model)._deepstack_process(text_model, hidden_states, *args, **kwargs)
 
 
 def _uninstall(state: _State) -> None:
@@ -230,6 +322,9 @@ def _uninstall(state: _State) -> None:
     for h in state.handles:
         h.remove()
     state.handles.clear()
+    fn = w.text_model.__dict__.get("_deepstack_process")
+    if isinstance(fn, functools.partial) and fn.func is _deepstack:
+        del w.text_model._deepstack_process
     gen = state.generator
     if gen is not None:
         if state.generator_had_attr:
@@ -238,6 +333,8 @@ def _uninstall(state: _State) -> None:
             gen.__dict__.pop("create_masks_for_generate", None)
     state.pending = None
     state.deep = None
+    state.in_deep = False
+    state.gen_padding = None
     if w.text_model.__dict__.get("_vtw_state") is state:
         del w.text_model._vtw_state
 
@@ -246,9 +343,8 @@ def _uninstall(state: _State) -> None:
 # The visual mask, once per forward
 
 
-def _pre_hook(ref, param_names, module, args, kwargs):
-    state = ref()
-    if state is None or not state.active:
+def _pre_hook(state, param_names, module, args, kwargs):
+    if not state.active:
         return None
     inputs = dict(zip(param_names, args))
     inputs.update(kwargs)
@@ -257,15 +353,15 @@ def _pre_hook(ref, param_names, module, args, kwargs):
         return None  # the outer model's hook already did it (the text model gets inputs_embeds)
     if is_text and state.pending is not None and state.visual_mask is not None:
         return None  # the callable gets the outer model's inputs
+    state.in_deep = False
     state.pending = _withdraw_mask(state, inputs)
     return None
 
 
-def _clear_hook(ref, module, args, kwargs_or_output, *rest):
-    state = ref()
-    if state is not None:
-        state.pending = None
-        state.deep = None
+def _clear_hook(state, module, args, kwargs_or_output, *rest):
+    state.pending = None
+    state.deep = None
+    state.in_deep = False
     return None
 
 
@@ -294,7 +390,15 @@ def _withdraw_mask(state: _State, inputs: dict):
         vm = torch.isin(ids, state.token_tensor(ids.device))
     am = inputs.get("attention_mask")
     pad = None
-    if am is not None:
+    gen_pad, state.gen_padding = state.gen_padding, None
+    if am is not None and not (isinstance(am, torch.Tensor) and am.ndim == 2) and gen_pad is not None \
+            and gen_pad[0] == (B, S):
+        # generate's 4-D masks for a static cache (the model keeps them): the padding of this
+        # chunk was recorded from generate's 2-D mask.
+        if gen_pad[1] is not None:
+            pad = gen_pad[1].to(vm.device)
+            vm = vm | pad
+    elif am is not None:
         if not isinstance(am, torch.Tensor) or am.ndim != 2:
             raise ValueError("vtw: attention_mask must be the 2D [B, past + S] padding mask (vtw builds the deep "
                              f"layers' masks from it), got {type(am).__name__}"
@@ -342,6 +446,25 @@ class _Deep:
     position_ids: torch.Tensor | None
     cache: object = None
     compact: torch.Tensor | None = None  # compact mode, several tokens: the withdraw mask to compact with
+    pe_source: tuple | None = None  # the rotary (cos, sin) layer K received, before the gather
+    gather_index: torch.Tensor | None = None  # [B, num_keep] (clamped keep_index) when the rotary is gathered
+    pe_other: list = field(default_factory=list)  # [(source, gathered)] for other layer types' rotary
+    last: object = None  # the previous deep layer's output (what the next one must receive)
+
+    def rotary(self, pe):
+        """The deep layers' rotary (cos, sin) for `pe`, the one this layer received: the gathered
+        layer-K one, or (a layer type with its own rotary, e.g. Gemma 3's local / global) this one
+        gathered with the same index."""
+        if pe is None or self.gather_index is None:
+            return pe  # nothing gathered (a decode step, compact mode): every slot keeps its token's rotary
+        if self.pe_source is not None and pe[0] is self.pe_source[0]:
+            return self.position_embeddings
+        for src, out in self.pe_other:
+            if src[0] is pe[0]:
+                return out
+        out = tuple(_gather_seq(t, self.gather_index) for t in pe)
+        self.pe_other.append((pe, out))
+        return out
 
     def scatter_back(self, out: torch.Tensor) -> torch.Tensor:
         B, S, D = self.full.shape
@@ -353,30 +476,52 @@ class _Deep:
         return buf[:, :S]
 
 
-def _layer_forward(state: _State, idx: int, orig, hidden_states, *args, **kwargs):
+_HANDLED_KW = frozenset({"attention_mask", "position_embeddings", "position_ids", "cache", "past_key_values"})
+
+
+def _layer_forward(state: _State, idx: int, layer, hidden_states, *args, **kwargs):
     explicit_mask = kwargs.pop(_WITHDRAW_KW, None)
     explicit_keep = kwargs.pop(_NUM_KEEP_KW, None)
     explicit_pad = kwargs.pop(_PADDING_KW, None)
+    orig = type(layer).forward
     K = state.layer
     if idx < K:
-        return orig(hidden_states, *args, **kwargs)
+        return orig(layer, hidden_states, *args, **kwargs)
     if args:
         raise TypeError(f"vtw: decoder layer {idx} was called with {len(args)} extra positional arguments; vtw "
                         "needs attention_mask, position_embeddings, position_ids and cache as keywords")
+    if _tf.CHECKPOINT_REPLAYS_CALL and layer.training and getattr(layer, "gradient_checkpointing", False) \
+            and torch.is_grad_enabled():
+        raise NotImplementedError(_checkpoint_error(type(state.wiring.model).__name__))
     if idx == K:
+        B, S = hidden_states.shape[:2]
+        for k, v in kwargs.items():
+            if k not in _HANDLED_KW and isinstance(v, torch.Tensor) and v.ndim >= 2 and S > 1 \
+                    and tuple(v.shape[:2]) == (B, S):
+                raise NotImplementedError(
+                    f"vtw: decoder layer {idx} of {type(state.wiring.text_model).__name__} received {k!r}, a "
+                    f"per-token [B, S, ...] tensor that vtw does not gather to the withdrawn layout; this model "
+                    "cannot be withdrawn exactly")
         deep = _begin(state, hidden_states, kwargs, explicit_mask, explicit_keep, explicit_pad)
         state.deep = deep
+        state.in_deep = True
         hidden_states = deep.hidden
     else:
         deep = state.deep
         if deep is None:
             raise RuntimeError(f"vtw: decoder layer {idx} ran before layer {K} in this forward")
+        if hidden_states is not deep.last:
+            raise RuntimeError(
+                f"vtw: {type(state.wiring.text_model).__name__} changed the hidden states between decoder layers "
+                f"{idx - 1} and {idx} (code between its layers, which vtw cannot carry to the withdrawn layout); "
+                "this model cannot be withdrawn exactly at this layer")
     kwargs["attention_mask"] = deep.mask
     if "position_embeddings" in kwargs:
-        kwargs["position_embeddings"] = deep.position_embeddings
+        kwargs["position_embeddings"] = deep.rotary(kwargs["position_embeddings"])
     if "position_ids" in kwargs:
         kwargs["position_ids"] = deep.position_ids
-    out = orig(hidden_states, **kwargs)
+    out = orig(layer, hidden_states, **kwargs)
+    deep.last = out
     if idx == state.num_layers - 1:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"vtw: decoder layer {idx} returned {type(out).__name__}; vtw needs layers that return "
@@ -446,32 +591,42 @@ def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep, explicit
     res = _withdraw(hidden, wmask, num_keep)
     out, keep_index = res[0], res[1]  # a Withdrawn tuple, or the op's plain tuple
     valid = keep_index >= 0
-    pe = kwargs.get("position_embeddings")
+    pe_source = pe = kwargs.get("position_embeddings")
     pos = kwargs.get("position_ids")
+    gidx = packed = None
     if S > 1 or out.shape[1] != 1:
         gidx = keep_index.clamp(min=0)
         if pe is not None:
             pe = tuple(_gather_seq(t, gidx) for t in pe)
         if isinstance(pos, torch.Tensor):
             if pos.ndim == 2:
+                if cache is None and padding is None and S > 1:
+                    # transformers reads packed sequences (position ids restarting within a row) from
+                    # the position ids when there is neither a 2-D mask nor a cache: the deep layers
+                    # keep those boundaries, from the sequence number of every kept token.
+                    packed = _gather_seq(_tf.packed_sequence_ids(pos.expand(B, -1)), gidx)
                 pos = _gather_seq(pos, gidx)
             elif pos.ndim == 3:  # [streams, B, S]
                 pos = torch.stack([_gather_seq(p, gidx) for p in pos.unbind(0)])
     # else: one token in one slot per row (a decode step): the slot keeps the token's position,
     # so the rotary embeddings and position ids are used as they are (no gather, no copy).
     deep_padding, dense = _deep_padding(state, cache, valid, S, dense)
-    mask = _deep_causal_mask(state, out, deep_padding, cache, dense)
+    mask = _deep_causal_mask(state, out, deep_padding, cache, dense, packed)
     return _Deep(hidden=out, full=hidden, keep_index=keep_index, valid=valid, mask=mask,
-                 position_embeddings=pe, position_ids=pos, cache=cache)
+                 position_embeddings=pe, position_ids=pos, cache=cache, pe_source=pe_source, gather_index=gidx)
 
 
-def _deep_causal_mask(state: _State, inputs_embeds, padding, cache, dense: bool = False):
+def _deep_causal_mask(state: _State, inputs_embeds, padding, cache, dense: bool = False, packed=None):
     """The deep layers' attention mask, without reading tensor data on the host: when the host
     knows that every deep slot holds a token (`dense`), no padding mask is passed (SDPA then runs
     with ``is_causal`` or no mask, as the unmodified model does without padding); otherwise the
     padding mask is always applied (``allow_is_causal_skip=False``), instead of letting
     transformers test it for all-True, which would synchronise with the device here, inside the
     layer loop."""
+    if packed is not None:  # packed sequences (no cache): causal within each sequence, over the kept slots
+        return _tf.create_causal_mask(state.config, inputs_embeds, padding, None, position_ids=None,
+                                      layer_idx=state.layer, allow_is_causal_skip=False,
+                                      and_mask_function=_tf.packed_sequence_mask_function(packed))
     if (not dense and inputs_embeds.shape[1] == 1 and state.config._attn_implementation in _BOOL_MASK_IMPLS
             and padding.shape[1] == _deep_kv_length(cache, state.layer, 1)):
         # One query per row (a decode step) sees every slot before it: SDPA's boolean mask is the

@@ -89,3 +89,36 @@ def onevision_video_tokens(model, pixel_values_videos) -> int:
     with torch.no_grad():
         n = model.model.get_video_features(pixel_values_videos).pooler_output.shape[1]
     return n + 1 if VERSION < (5, 18) else n
+
+
+def _checkpoint_replays_call() -> bool:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return "__call__" in GradientCheckpointingLayer.__dict__
+
+
+#: Gradient checkpointing of a decoder layer: transformers 5.17-5.19 checkpoint the module call
+#: (the backward replays ``layer(...)``, i.e. vtw's wrapper, after the forward's state is gone);
+#: 5.25 checkpoints the class's ``forward`` inside the call (the replay runs the original layer on
+#: the arguments vtw gave it). Read from the class, not from the version.
+CHECKPOINT_REPLAYS_CALL: bool = _checkpoint_replays_call()
+
+
+def packed_sequence_ids(position_ids):
+    """[B, S] position ids -> [B, S] sequence number of each token, a new sequence starting
+    wherever the position does not follow the previous one by 1 (transformers' definition of
+    packed sequences, ``masking_utils.find_packed_sequence_indices``, computed on the device)."""
+    import torch
+
+    first = position_ids[:, :1] - 1
+    return (torch.diff(position_ids, dim=-1, prepend=first) != 1).cumsum(-1)
+
+
+def packed_sequence_mask_function(sequence_ids):
+    """A mask function (for ``create_causal_mask``'s ``and_mask_function``) that lets a query see
+    only keys of its own packed sequence."""
+
+    def inner(batch_idx, head_idx, q_idx, kv_idx):
+        return sequence_ids[batch_idx, q_idx] == sequence_ids[batch_idx, kv_idx]
+
+    return inner

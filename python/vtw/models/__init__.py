@@ -49,9 +49,12 @@ class Family:
     #: class names of the outer (multimodal base) model; the model given to `vtw.enable` may be
     #: that class or a wrapper holding it as ``.model`` (the ``...ForConditionalGeneration`` class).
     base_classes: tuple[str, ...]
-    language_model_attr: str = "language_model"
+    #: attribute of the outer module holding the text decoder; None: the outer module is the
+    #: text decoder itself (its embeddings merge the vision features, e.g. Phi-4-multimodal).
+    language_model_attr: str | None = "language_model"
     layers_attr: str = "layers"
-    #: config attributes (of the outer model's config) holding the visual token ids.
+    #: config attributes (of the outer model's config) holding the visual token ids; a dotted
+    #: name reads a sub-config (``"vision_config.image_token_id"``).
     token_id_attrs: tuple[str, ...] = ("image_token_id", "video_token_id")
     notes: str = ""
 
@@ -81,7 +84,39 @@ FAMILIES: list[Family] = [
            notes="M-RoPE: the (cos, sin) built from the 3-D position ids are gathered, so all three "
                  "position streams keep their original values"),
     Family("qwen2_5_vl", ("Qwen2_5_VLModel",), notes="as Qwen2-VL"),
+    Family("qwen3_vl", ("Qwen3VLModel",),
+           notes="M-RoPE as Qwen2-VL; DeepStack adds vision features to the visual positions after its "
+                 "first layers: vtw skips that from layer K on, where no text token attends to them"),
+    Family("qwen3_vl_moe", ("Qwen3VLMoeModel",), notes="as Qwen3-VL"),
+    Family("idefics3", ("Idefics3Model",), language_model_attr="text_model",
+           notes="decoder under .text_model; <fake_token_around_image> and <global-img> stay as text"),
+    Family("smolvlm", ("SmolVLMModel",), language_model_attr="text_model", notes="as Idefics3"),
+    Family("phi4_multimodal", ("Phi4MultimodalModel",), language_model_attr=None,
+           token_id_attrs=("vision_config.image_token_id",),
+           notes="the decoder merges the image features itself; image tokens withdrawn, audio tokens kept"),
+    Family("internvl", ("InternVLModel",)),
+    Family("mistral3", ("Mistral3Model",), notes="[IMG_BREAK] and [IMG_END] stay as text"),
+    Family("glm4v", ("Glm4vModel",), notes="3-D M-RoPE, as Qwen2-VL"),
+    Family("kimi_k25", ("Kimi_K25Model",), notes="MLA attention, MoE"),
 ]
+
+#: Families vtw refuses, by class name (the outer model or the class given to `vtw.enable`), with
+#: the reason. Checked before anything else.
+REFUSED: dict[str, str] = {
+    "MllamaModel": "vision enters through cross-attention layers (cross_attention_states), not as tokens of "
+                   "the sequence: there are no visual tokens to withdraw",
+    "MllamaForConditionalGeneration": "see MllamaModel",
+    "PaliGemmaModel": "its prefix (image and prompt) attends bidirectionally (token_type_ids); vtw's deep "
+                      "layers are causal over the text, and carrying the prefix mask into them is not implemented",
+    "PaliGemmaForConditionalGeneration": "see PaliGemmaModel",
+    "Llama4Model": "its decoder has chunked-attention and NoPE layers, complex rotary embeddings (freqs_cis) "
+                   "and sits two attributes deep (language_model.model.layers); withdrawal of chunked "
+                   "layers is not defined",
+    "Llama4ForConditionalGeneration": "see Llama4Model",
+    "Ernie4_5_VLMoeModel": "its decoder layers route every token (text or vision experts) by a [B, S] "
+                           "argument, moe_mm_token_type_ids, which vtw does not gather",
+    "Ernie4_5_VLMoeForConditionalGeneration": "see Ernie4_5_VLMoeModel",
+}
 
 
 def register_family(family: Family) -> Family:
@@ -105,7 +140,9 @@ def _param_names(module: nn.Module) -> tuple[str, ...]:
 def _token_ids(config, attrs) -> tuple[int, ...]:
     ids = []
     for name in attrs:
-        value = getattr(config, name, None)
+        value = config
+        for part in name.split("."):
+            value = getattr(value, part, None)
         if isinstance(value, int) and not isinstance(value, bool) and value not in ids:
             ids.append(value)
     return tuple(ids)
@@ -129,12 +166,19 @@ def resolve(model) -> Wiring:
     if not isinstance(model, nn.Module):
         raise TypeError("vtw.enable: model must be a torch.nn.Module (a Hugging Face model), "
                         f"got {type(model).__name__}")
+    # 0. Families that cannot be withdrawn exactly.
+    for outer in _candidates(model):
+        reason = REFUSED.get(type(outer).__name__)
+        if reason is not None:
+            if reason.startswith("see "):
+                reason = REFUSED[reason[4:]]
+            raise NotImplementedError(f"vtw.enable: {type(model).__name__} is not supported: {reason}")
     # 1. Registered families, by class name of the outer model.
     for fam in FAMILIES:
         for outer in _candidates(model):
             if type(outer).__name__ not in fam.base_classes:
                 continue
-            text = getattr(outer, fam.language_model_attr, None)
+            text = outer if fam.language_model_attr is None else getattr(outer, fam.language_model_attr, None)
             layers = _layers_of(text, fam.layers_attr) if isinstance(text, nn.Module) else None
             if layers is None:
                 raise TypeError(
@@ -166,4 +210,4 @@ def _wiring(name, model, outer, text, layers, token_ids) -> Wiring:
                   outer_params=_param_names(outer), text_params=_param_names(text))
 
 
-__all__ = ["FAMILIES", "Family", "Wiring", "register_family", "resolve"]
+__all__ = ["FAMILIES", "REFUSED", "Family", "Wiring", "register_family", "resolve"]

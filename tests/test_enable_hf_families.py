@@ -1,0 +1,328 @@
+"""vtw.enable on the image-text families added for issue 19 (Qwen3-VL, Qwen3-VL-MoE, Idefics3,
+SmolVLM, InternVL, Mistral 3), tiny random models, float32, CPU, eager and SDPA.
+
+The reference here is the *masking definition* of withdrawal, independent of vtw: the unmodified
+model on ONE unpadded sample, no cache, with a forward pre-hook on every decoder layer >= K that
+replaces its attention mask by "causal, and no query attends to a visual key" (a visual query
+still sees itself, so no row of the mask is empty); everything else (vision tower, DeepStack,
+M-RoPE positions, ...) as the model computes it. Greedy decoding recomputes the whole sequence at
+every step. vtw runs batched (left padding, rows with 0, 1 and 2 pictures), with a cache.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vtw
+from test_enable_support import one_thread  # noqa: F401  (autouse: one intra-op thread)
+from test_enable_support import Case as _Case
+from test_enable_support import Sample, batch_inputs, enable_vtw_attention_if_present, gen_kwargs, generated
+
+ATTN = ["eager", "sdpa"]
+STEPS = 3
+
+
+class Case(_Case):
+    @property
+    def text(self):  # Idefics3 / SmolVLM keep the text decoder under .text_model
+        m = self.model.model
+        return m.text_model if hasattr(m, "text_model") else m.language_model
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference
+
+
+def _masked_forward(case: Case, K: int, ids: list[int], mm: dict, extra_mask=None) -> torch.Tensor:
+    """Logits [n, V] of the unmodified model on one unpadded sequence, in which every decoder
+    layer >= K lets no query attend to a visual key (`extra_mask` [n, n] bool, if given, is
+    and-ed in: e.g. packed-sequence boundaries)."""
+    model = case.model
+    text = case.text
+    assert not vtw.is_enabled(model)
+    ids_t = torch.tensor([ids])
+    n = len(ids)
+    visual = torch.isin(ids_t[0], torch.tensor(case.visual_ids))
+    allowed = torch.ones(n, n, dtype=torch.bool).tril() & ~visual[None, :]
+    if extra_mask is not None:
+        allowed &= extra_mask
+    allowed |= torch.eye(n, dtype=torch.bool)
+    dtype = next(model.parameters()).dtype
+    additive = torch.zeros(n, n, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    seen = []
+
+    def pre(module, args, kwargs):
+        assert "attention_mask" in kwargs
+        kwargs["attention_mask"] = additive
+        seen.append(1)
+        return args, kwargs
+
+    hooks = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in list(text.layers)[K:]]
+    try:
+        inputs = dict(input_ids=ids_t, **mm)
+        if case.extra is not None:
+            inputs.update(case.extra(ids_t, torch.ones_like(ids_t)))
+        with torch.no_grad():
+            out = model(**inputs, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == len(text.layers) - K
+    return out.logits[0]
+
+
+def ref_greedy(case: Case, K: int, sample: Sample, steps: int):
+    tokens, logits = [], []
+    for _ in range(steps):
+        lg = _masked_forward(case, K, sample.ids + tokens, sample.mm)[-1]
+        logits.append(lg)
+        masked = lg.clone()
+        masked[case.suppress] = float("-inf")
+        tokens.append(int(masked.argmax()))
+    return tokens, logits
+
+
+def assert_generate_matches(case: Case, K: int, out, inputs, refs, atol=1e-4):
+    gen = generated(out, inputs)
+    for b, (ref_toks, ref_logits) in enumerate(refs):
+        toks = gen[b].tolist()
+        assert toks == ref_toks, f"{case.name} K={K} row {b}: generated {toks}, reference {ref_toks}"
+        for t in range(len(toks)):
+            torch.testing.assert_close(out.logits[t][b], ref_logits[t], atol=atol, rtol=1e-5,
+                                       msg=lambda m: f"{case.name} K={K} row {b} step {t}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Families
+
+
+def _finish(model, attn):
+    model = model.eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def _qwen3_case(name: str, attn: str, seed: int = 0, layers: int = 4) -> Case:
+    """Qwen3-VL / Qwen3-VL-MoE: patches of 2x2 pixels x 2 frames merged 2x2, so an image of grid
+    (1, h, w) gives h*w/4 image tokens between vision start/end (60, 61); DeepStack injects the
+    features of vision layers 0 and 1 after text layers 0 and 1."""
+    if name == "qwen3_vl":
+        from transformers import Qwen3VLConfig as Config, Qwen3VLForConditionalGeneration as Model
+
+        moe = {}
+    else:
+        from transformers import Qwen3VLMoeConfig as Config, Qwen3VLMoeForConditionalGeneration as Model
+
+        moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    enable_vtw_attention_if_present(attn)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=2,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, vocab_size=64, max_position_embeddings=512,
+                initializer_range=0.2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                        "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                bos_token_id=1, eos_token_id=2, pad_token_id=0, **moe)
+    cfg = Config(vision_config=vision, text_config=text, image_token_id=62, video_token_id=63,
+                 vision_start_token_id=60, vision_end_token_id=61)
+    torch.manual_seed(seed)
+    model = _finish(Model(cfg), attn)
+    g = torch.Generator().manual_seed(seed + 1)
+    patch_dim = 3 * 2 * 2 * 2
+
+    def sample(parts):
+        ids, pvs, grids = [], [], []
+        for p in parts:
+            if isinstance(p, tuple):
+                h, w = p
+                pvs.append(torch.randn(h * w, patch_dim, generator=g))
+                grids.append((1, h, w))
+                ids += [60] + [62] * (h * w // 4) + [61]
+            else:
+                ids += p
+        mm = {"pixel_values": torch.cat(pvs), "image_grid_thw": torch.tensor(grids)} if pvs else {}
+        return Sample(ids, mm)
+
+    samples = [
+        sample([[1, 5, 6], (4, 4), [7, 8, 9]]),
+        sample([[1, 3], (4, 6), [4, 5], (4, 4), [6]]),
+        sample([[1, 10, 11, 12]]),
+        sample([[1], (6, 4), [13, 14, 15, 16, 17, 18, 19, 20]]),
+    ]
+
+    def extra(ids, am):
+        types = torch.zeros_like(ids, dtype=torch.int32)
+        types[ids == 62] = 1
+        return {"mm_token_type_ids": types}
+
+    return Case(name, model, (62, 63), 0, samples, _cat_mm, extra=extra, mrope=True)
+
+
+def _cat_mm(ss):
+    """Batched multimodal inputs: every key of the samples' own inputs concatenated in order."""
+    keys = [k for s in ss for k in s.mm]
+    return {k: torch.cat([s.mm[k] for s in ss if k in s.mm]) for k in dict.fromkeys(keys)}
+
+
+def _llama_text(layers: int) -> dict:
+    return dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=256,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+
+
+def _idefics3_case(name: str, attn: str, seed: int = 0, layers: int = 4) -> Case:
+    """Idefics3 / SmolVLM (decoder under .text_model): 8x8 images, patch 2, pixel shuffle 2 ->
+    4 image tokens per image, wrapped in <fake_token_around_image> (58) and <global-img> (59),
+    which stay text. Rows with fewer images get all-zero padding images (which the model drops)."""
+    if name == "idefics3":
+        from transformers import Idefics3Config as Config, Idefics3ForConditionalGeneration as Model
+    else:
+        from transformers import SmolVLMConfig as Config, SmolVLMForConditionalGeneration as Model
+    enable_vtw_attention_if_present(attn)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=8,
+                  patch_size=2)
+    cfg = Config(vision_config=vision, text_config=_llama_text(layers), image_token_id=63, scale_factor=2,
+                 pad_token_id=0)
+    torch.manual_seed(seed)
+    model = _finish(Model(cfg), attn)
+    g = torch.Generator().manual_seed(seed + 1)
+    n_tok = model.model.image_seq_len
+    assert n_tok == 4
+
+    def sample(parts):
+        ids, pvs = [], []
+        for p in parts:
+            if p == "img":
+                pvs.append(torch.randn(3, 8, 8, generator=g))
+                ids += [58, 59] + [63] * n_tok + [58]
+            else:
+                ids += p
+        return Sample(ids, {"pixel_values": torch.stack(pvs)[None]} if pvs else {})
+
+    samples = [
+        sample([[1, 5, 6], "img", [7, 8, 9]]),
+        sample([[1, 3], "img", [4, 5], "img", [6]]),
+        sample([[1, 10, 11, 12]]),
+        sample([[1], "img", [13, 14, 15, 16, 17, 18, 19, 20]]),
+    ]
+
+    def batch_mm(ss):
+        pvs = [s.mm["pixel_values"][0] if s.mm else torch.zeros(0, 3, 8, 8) for s in ss]
+        n = max(p.shape[0] for p in pvs)
+        if n == 0:
+            return {}
+        out = torch.zeros(len(ss), n, 3, 8, 8)
+        for b, p in enumerate(pvs):
+            out[b, : p.shape[0]] = p
+        return {"pixel_values": out}
+
+    return Case(name, model, (63,), 0, samples, batch_mm)
+
+
+def _internvl_case(attn: str, seed: int = 0, layers: int = 4) -> Case:
+    """InternVL (Qwen2 text decoder): 8x8 images, patch 2, pixel shuffle 0.5 -> image tokens per
+    image read from the model's get_image_features, between <img> (58) and </img> (59)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    enable_vtw_attention_if_present(attn)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=[8, 8],
+                  patch_size=[2, 2])
+    text = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=256,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=63, downsample_ratio=0.5)
+    torch.manual_seed(seed)
+    model = _finish(InternVLForConditionalGeneration(cfg), attn)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        n_tok = model.model.get_image_features(torch.zeros(1, 3, 8, 8)).pooler_output.shape[1]
+
+    def sample(parts):
+        ids, pvs = [], []
+        for p in parts:
+            if p == "img":
+                pvs.append(torch.randn(3, 8, 8, generator=g))
+                ids += [58] + [63] * n_tok + [59]
+            else:
+                ids += p
+        return Sample(ids, {"pixel_values": torch.stack(pvs)} if pvs else {})
+
+    samples = [
+        sample([[1, 5, 6], "img", [7, 8, 9]]),
+        sample([[1, 3], "img", [4, 5], "img", [6]]),
+        sample([[1, 10, 11, 12]]),
+        sample([[1], "img", [13, 14, 15, 16, 17, 18, 19, 20]]),
+    ]
+    return Case("internvl", model, (63,), 0, samples, _cat_mm)
+
+
+BUILDERS = {
+    "qwen3_vl": lambda attn: _qwen3_case("qwen3_vl", attn),
+    "qwen3_vl_moe": lambda attn: _qwen3_case("qwen3_vl_moe", attn),
+    "idefics3": lambda attn: _idefics3_case("idefics3", attn),
+    "smolvlm": lambda attn: _idefics3_case("smolvlm", attn),
+    "internvl": _internvl_case,
+}
+
+
+@pytest.fixture(scope="module", params=[(f, a) for f in BUILDERS for a in ATTN], ids=lambda p: f"{p[0]}-{p[1]}")
+def case(request):
+    family, attn = request.param
+    c = BUILDERS[family](attn)
+    c.refs = {}
+    return c
+
+
+def _refs(case, K):
+    if K not in case.refs:
+        case.refs[K] = [ref_greedy(case, K, s, STEPS) for s in case.samples]
+    return case.refs[K]
+
+
+def test_family_is_registered(case):
+    from vtw.models import resolve
+
+    w = resolve(case.model)
+    assert w.family == case.name
+    assert w.token_ids == case.visual_ids
+    assert w.text_model is case.text
+
+
+def test_reference_is_not_vacuous(case):
+    # Withdrawal must change the logits of the samples with pictures, and leave a text-only one alone.
+    L = len(case.text.layers)
+    for s in case.samples:
+        full = _masked_forward(case, L, s.ids, s.mm)[-1]
+        cut = _masked_forward(case, 1, s.ids, s.mm)[-1]
+        if any(t in case.visual_ids for t in s.ids):
+            assert (full - cut).abs().max() > 1e-3, case.name
+        else:
+            torch.testing.assert_close(full, cut, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("K", [0, 1, 2, 4])
+def test_greedy_generate_matches_reference(case, K):
+    inputs = batch_inputs(case)
+    refs = _refs(case, K)
+    vtw.enable(case.model, K)
+    try:
+        with torch.no_grad():
+            out = case.model.generate(**inputs, **gen_kwargs(case, STEPS))
+    finally:
+        vtw.disable(case.model)
+    assert_generate_matches(case, K, out, inputs, refs)
+
+
+def test_static_cache_generate_matches_reference(case):
+    inputs = batch_inputs(case)
+    refs = _refs(case, 1)
+    vtw.enable(case.model, 1)
+    try:
+        with torch.no_grad():
+            out = case.model.generate(**inputs, **gen_kwargs(case, STEPS, cache_implementation="static"))
+    finally:
+        vtw.disable(case.model)
+    assert_generate_matches(case, 1, out, inputs, refs)
