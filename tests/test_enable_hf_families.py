@@ -36,7 +36,7 @@ class Case(_Case):
 # The reference
 
 
-def _masked_forward(case: Case, K: int, ids: list[int], mm: dict, extra_mask=None) -> torch.Tensor:
+def _masked_forward(case: Case, K: int, ids: list[int], mm: dict, extra_mask=None, grad=False, **kw) -> torch.Tensor:
     """Logits [n, V] of the unmodified model on one unpadded sequence, in which every decoder
     layer >= K lets no query attend to a visual key (`extra_mask` [n, n] bool, if given, is
     and-ed in: e.g. packed-sequence boundaries)."""
@@ -65,8 +65,8 @@ def _masked_forward(case: Case, K: int, ids: list[int], mm: dict, extra_mask=Non
         inputs = dict(input_ids=ids_t, **mm)
         if case.extra is not None:
             inputs.update(case.extra(ids_t, torch.ones_like(ids_t)))
-        with torch.no_grad():
-            out = model(**inputs, use_cache=False)
+        with torch.set_grad_enabled(grad):
+            out = model(**inputs, **kw, use_cache=False)
     finally:
         for h in hooks:
             h.remove()

@@ -130,8 +130,7 @@ def enable(model: nn.Module, layer: int, *, visual_mask=None, mode: str = "withd
 def disable(model: nn.Module) -> nn.Module:
     """Restores `model` exactly as it was before `vtw.enable` (in place; returns `model`).
     A model that was not enabled is returned unchanged."""
-    wiring = _models.resolve(model)
-    state = getattr(wiring.text_model, "_vtw_state", None)
+    state = _state_of(model)
     if state is not None:
         _uninstall(state)
     return model
@@ -139,7 +138,15 @@ def disable(model: nn.Module) -> nn.Module:
 
 def is_enabled(model: nn.Module) -> bool:
     """Whether `vtw.enable` is in effect on `model`."""
-    return getattr(_models.resolve(model).text_model, "_vtw_state", None) is not None
+    return _state_of(model) is not None
+
+
+def _state_of(model: nn.Module):
+    try:
+        wiring = _models.resolve(model)
+    except NotImplementedError:  # a family vtw refuses was never enabled
+        return None
+    return getattr(wiring.text_model, "_vtw_state", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,9 +183,10 @@ def _check_supported(model, wiring: _models.Wiring, layer: int) -> None:
                                       "tokens to withdraw")
         if layer_types is not None and layer_types[i] != "full_attention":
             reason = _LAYER_TYPE_REASONS.get(layer_types[i], "vtw handles full-attention layers only")
+            first_ok = max(j for j, t in enumerate(layer_types) if t != "full_attention") + 1
             raise NotImplementedError(
                 f"vtw.enable: {name} is not supported at layer={layer}: decoder layer {i} of {type(text).__name__} "
-                f"is {layer_types[i]!r} ({reason}); choose a layer after the last such layer")
+                f"is {layer_types[i]!r} ({reason}); layer must be >= {first_ok}, after the last such layer")
         try:
             params = inspect.signature(type(lay).forward).parameters
         except (TypeError, ValueError):
