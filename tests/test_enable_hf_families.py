@@ -259,12 +259,147 @@ def _internvl_case(attn: str, seed: int = 0, layers: int = 4) -> Case:
     return Case("internvl", model, (63,), 0, samples, _cat_mm)
 
 
+def _mistral3_case(attn: str, seed: int = 0, layers: int = 4) -> Case:
+    """Mistral 3 (Pixtral vision, Mistral text): an 8x8 image, patch 2, merged 2x2, gives a 2x2 grid
+    of [IMG] tokens (63), each row closed by [IMG_BREAK] (58), the last by [IMG_END] (59), which
+    stay text."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    enable_vtw_attention_if_present(attn)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=8,
+                  patch_size=2, head_dim=16)
+    text = dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=256,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2, sliding_window=None)
+    cfg = Mistral3Config(vision_config=vision, text_config=text, image_token_index=63, spatial_merge_size=2)
+    torch.manual_seed(seed)
+    model = _finish(Mistral3ForConditionalGeneration(cfg), attn)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        n_feat = model.model.get_image_features(torch.zeros(1, 3, 8, 8), image_sizes=torch.tensor([[8, 8]]))
+    n_feat = (n_feat.pooler_output if hasattr(n_feat, "pooler_output") else n_feat)[0].shape[0]
+    assert n_feat == 4
+    img = [63, 63, 58, 63, 63, 59]
+
+    def sample(parts):
+        ids, pvs = [], []
+        for p in parts:
+            if p == "img":
+                pvs.append(torch.randn(3, 8, 8, generator=g))
+                ids += img
+            else:
+                ids += p
+        mm = {"pixel_values": torch.stack(pvs), "image_sizes": torch.tensor([[8, 8]] * len(pvs))} if pvs else {}
+        return Sample(ids, mm)
+
+    samples = [
+        sample([[1, 5, 6], "img", [7, 8, 9]]),
+        sample([[1, 3], "img", [4, 5], "img", [6]]),
+        sample([[1, 10, 11, 12]]),
+        sample([[1], "img", [13, 14, 15, 16, 17, 18, 19, 20]]),
+    ]
+    return Case("mistral3", model, (63,), 0, samples, _cat_mm)
+
+
+def _glm4v_case(attn: str, seed: int = 0, layers: int = 4) -> Case:
+    """GLM-4V: as Qwen2-VL (patches 2x2 x 2 frames merged 2x2, 3-D M-RoPE from get_rope_index),
+    images between <|begin_of_image|> (60) and <|end_of_image|> (61)."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    enable_vtw_attention_if_present(attn)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=2,
+                  spatial_merge_size=2, temporal_patch_size=2, image_size=8)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=64, max_position_embeddings=512, initializer_range=0.2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "partial_rotary_factor": 1.0},
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = Glm4vConfig(vision_config=vision, text_config=text, image_token_id=62, video_token_id=63,
+                      image_start_token_id=60, image_end_token_id=61, video_start_token_id=58, video_end_token_id=59)
+    torch.manual_seed(seed)
+    model = _finish(Glm4vForConditionalGeneration(cfg), attn)
+    g = torch.Generator().manual_seed(seed + 1)
+    patch_dim = 3 * 2 * 2 * 2
+
+    def sample(parts):
+        ids, pvs, grids = [], [], []
+        for p in parts:
+            if isinstance(p, tuple):
+                h, w = p
+                pvs.append(torch.randn(h * w, patch_dim, generator=g))
+                grids.append((1, h, w))
+                ids += [60] + [62] * (h * w // 4) + [61]
+            else:
+                ids += p
+        mm = {"pixel_values": torch.cat(pvs), "image_grid_thw": torch.tensor(grids)} if pvs else {}
+        return Sample(ids, mm)
+
+    samples = [
+        sample([[1, 5, 6], (4, 4), [7, 8, 9]]),
+        sample([[1, 3], (4, 6), [4, 5], (4, 4), [6]]),
+        sample([[1, 10, 11, 12]]),
+        sample([[1], (6, 4), [13, 14, 15, 16, 17, 18, 19, 20]]),
+    ]
+
+    def extra(ids, am):
+        types = torch.zeros_like(ids, dtype=torch.int32)
+        types[ids == 62] = 1
+        return {"mm_token_type_ids": types}
+
+    return Case("glm4v", model, (62, 63), 0, samples, _cat_mm, extra=extra, mrope=True)
+
+
+def _gemma3_case(attn: str, seed: int = 0) -> Case:
+    """Gemma 3: layers sliding, full, sliding, full (window 4, shorter than the prompts); 8x8
+    images, patch 2, pooled to 4 image tokens (63) between <start_of_image> (58) and
+    <end_of_image> (59); token_type_ids mark the image tokens (bidirectional within an image in the
+    layers < K, as the model computes it)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    enable_vtw_attention_if_present(attn)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=8,
+                  patch_size=2)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=256, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2, initializer_range=0.2, sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"] * 2)
+    cfg = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=4, image_token_index=63,
+                       boi_token_index=58, eoi_token_index=59)
+    torch.manual_seed(seed)
+    model = _finish(Gemma3ForConditionalGeneration(cfg), attn)
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def sample(parts):
+        ids, pvs = [], []
+        for p in parts:
+            if p == "img":
+                pvs.append(torch.randn(3, 8, 8, generator=g))
+                ids += [58] + [63] * 4 + [59]
+            else:
+                ids += p
+        return Sample(ids, {"pixel_values": torch.stack(pvs)} if pvs else {})
+
+    samples = [
+        sample([[1, 5, 6], "img", [7, 8, 9]]),
+        sample([[1, 3], "img", [4, 5], "img", [6]]),
+        sample([[1, 10, 11, 12]]),
+        sample([[1], "img", [13, 14, 15, 16, 17, 18, 19, 20]]),
+    ]
+
+    def extra(ids, am):
+        return {"token_type_ids": (ids == 63).long()}
+
+    return Case("gemma3", model, (63,), 0, samples, _cat_mm, extra=extra)
+
+
 BUILDERS = {
     "qwen3_vl": lambda attn: _qwen3_case("qwen3_vl", attn),
     "qwen3_vl_moe": lambda attn: _qwen3_case("qwen3_vl_moe", attn),
     "idefics3": lambda attn: _idefics3_case("idefics3", attn),
     "smolvlm": lambda attn: _idefics3_case("smolvlm", attn),
     "internvl": _internvl_case,
+    "mistral3": _mistral3_case,
+    "glm4v": _glm4v_case,
 }
 
 
@@ -326,3 +461,24 @@ def test_static_cache_generate_matches_reference(case):
     finally:
         vtw.disable(case.model)
     assert_generate_matches(case, 1, out, inputs, refs)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_gemma3_after_its_last_sliding_layer_matches_reference(attn):
+    # Gemma 3 is accepted from the layer after its last sliding-window layer (here K = 3 of 4):
+    # the deep layers are full attention, with the global rotary of their own layer type.
+    c = _gemma3_case(attn)
+    c.refs = {}
+    assert vtw.models.resolve(c.model).token_ids == (63,)
+    inputs = batch_inputs(c)
+    for K in (3, 4):
+        refs = _refs(c, K)
+        vtw.enable(c.model, K)
+        try:
+            with torch.no_grad():
+                out = c.model.generate(**inputs, **gen_kwargs(c, STEPS))
+        finally:
+            vtw.disable(c.model)
+        assert_generate_matches(c, K, out, inputs, refs)
+    full, cut = _refs(c, 4), _refs(c, 3)
+    assert max((a - b).abs().max() for a, b in zip(full[0][1], cut[0][1])) > 1e-3  # withdrawal changes row 0

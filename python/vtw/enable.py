@@ -55,10 +55,23 @@ pass ``vtw_withdraw_mask=[B, S] bool`` (visual or padding), ``vtw_num_keep=int``
 mode, ``vtw_padding_mask=[B, S] bool``; they travel through the decoder's ``**kwargs`` to the
 layers, which remove them.
 
-Not supported: a 4-D ``attention_mask`` given by the caller (vtw needs the 2-D padding mask; it
-makes ``generate`` pass the 2-D one), sliding-window layers from ``layer`` on, ``inputs_embeds``
-without ``input_ids`` unless ``visual_mask=`` is given, cropping a cache (assisted decoding)
-across tokens that were withdrawn. FlashAttention-2 is untested (not installed here).
+Never silently wrong: `enable` refuses (one error naming the model class and the reason) the
+families of ``vtw.models.REFUSED`` and, from layer K on, cross-attention layers, layer types other
+than full attention, decoder-layer parameters vtw does not handle, bidirectional or chunked text
+decoders, and (on transformers that replay the whole layer call) gradient checkpointing. At run
+time, with Python checks only (no host synchronisation): a per-token ``[B, S, ...]`` tensor
+reaching the deep layers through their keywords, and code between deep layers that replaces the
+hidden states, raise. Qwen3-VL's DeepStack injection is skipped from layer K on (it only touches
+visual positions, which no text token attends to there). Packed sequences (position ids
+restarting within a row, no 2-D mask, no cache) keep their boundaries in the deep layers. With a
+static cache, ``generate`` keeps passing the model its own 4-D masks; vtw records the chunk's
+padding from the 2-D mask they are built from (no per-step growth of any input). At ``layer ==
+L`` nothing is installed.
+
+Not supported: a 4-D ``attention_mask`` given by the caller (vtw needs the 2-D padding mask),
+sliding-window layers from ``layer`` on, ``inputs_embeds`` without ``input_ids`` unless
+``visual_mask=`` is given, cropping a cache (assisted decoding) across tokens that were
+withdrawn. FlashAttention-2 is untested (not installed here).
 """
 
 from __future__ import annotations
