@@ -482,3 +482,29 @@ def test_gemma3_after_its_last_sliding_layer_matches_reference(attn):
         assert_generate_matches(c, K, out, inputs, refs)
     full, cut = _refs(c, 4), _refs(c, 3)
     assert max((a - b).abs().max() for a, b in zip(full[0][1], cut[0][1])) > 1e-3  # withdrawal changes row 0
+
+
+def test_float64_is_exact_to_rounding():
+    # In double precision the withdrawn model and the masking-definition reference agree to ~1e-15
+    # (Qwen3-VL, DeepStack included): what the float32 tests accept at 1e-4 is rounding, not a
+    # different computation. SDPA: eager attention takes its softmax in float32 even in a float64
+    # model (transformers). Only Qwen3-VL here: the unmodified Idefics3 already differs by 1e-6
+    # between a left-padded batch and a single sample in float64 (measured with K = L).
+    c = BUILDERS["qwen3_vl"]("sdpa")
+    c.model.double()
+    for s in c.samples:
+        s.mm = {k: v.double() if v.is_floating_point() else v for k, v in s.mm.items()}
+    inputs = batch_inputs(c)
+    K = 1
+    refs = [ref_greedy(c, K, s, 2) for s in c.samples]
+    vtw.enable(c.model, K)
+    try:
+        with torch.no_grad():
+            out = c.model.generate(**inputs, **gen_kwargs(c, 2))
+            last = c.model(**inputs, use_cache=False).logits[:, -1]  # generate returns float32 logits
+    finally:
+        vtw.disable(c.model)
+    assert last.dtype == torch.float64
+    assert generated(out, inputs).tolist() == [toks for toks, _ in refs]
+    for b, (_, ref_logits) in enumerate(refs):
+        torch.testing.assert_close(last[b], ref_logits[0], atol=1e-10, rtol=0, msg=lambda m: f"row {b}: {m}")
