@@ -93,7 +93,8 @@ def test_stock_with_layer_equal_to_depth(llava):
     assert not cfg.model_config.enforce_eager
 
 
-def test_withdrawal_turns_prefix_caching_and_compilation_off(llava):
-    cfg = _config(llava, vtw_layer=2, vtw_kv="shared")
-    assert not cfg.cache_config.enable_prefix_caching
-    assert cfg.model_config.enforce_eager
+def test_withdrawal_keeps_prefix_caching_and_turns_compilation_off(llava):
+    for kv in ("shared", "text_only"):
+        cfg = _config(llava, vtw_layer=2, vtw_kv=kv)
+        assert cfg.cache_config.enable_prefix_caching  # on, with hits capped (vtw.vllm._prefix)
+        assert cfg.model_config.enforce_eager

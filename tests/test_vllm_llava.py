@@ -127,7 +127,7 @@ _free_blocks = tiny.free_blocks
 
 def test_engine_start_adjustments(llm):
     vc = llm.llm_engine.vllm_config
-    assert vc.cache_config.enable_prefix_caching is False  # turned off, with a warning
+    assert vc.cache_config.enable_prefix_caching is True  # stays on (hits capped: test_vllm_prefix)
     assert vc.model_config.enforce_eager is True
     assert _runner_of(llm)._vtw is not None and _runner_of(llm)._vtw.settings.layer == LAYERS // 2
 

@@ -29,9 +29,10 @@ wherever it appears, as in :func:`vtw.enable`.
 
 Checks at engine start (when ``vtw_layer`` is given): the vLLM version (see
 :mod:`vtw.vllm._version`), the model family, ``0 <= K <= L``, the KV mode, pipeline parallel
-and speculative decoding (not supported), prefix caching (turned off with a warning: block
-hashes follow token positions, the deep layers' compacted layout does not), CUDA graphs and
+and speculative decoding (not supported), CUDA graphs and
 ``torch.compile`` (turned off with a warning: the deep layers' token count changes per step).
+Prefix caching stays on, with hits capped at a request's first visual token (see
+:mod:`vtw.vllm._prefix`).
 """
 
 from __future__ import annotations

@@ -111,12 +111,9 @@ def verify(vllm_config) -> Settings | None:
                            "tensor parallelism (tensor_parallel_size) or drop vtw_layer")
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise SettingError("vtw.vllm: speculative decoding is not supported with vtw_layer")
-    cc = vllm_config.cache_config
-    if getattr(cc, "enable_prefix_caching", False):
-        logger.warning("vtw.vllm: turning prefix caching off: with vtw_layer the deep layers keep a "
-                       "compacted text-only KV layout that block hashes (over token positions) do not "
-                       "describe, so a shared cached block would be wrong")
-        cc.enable_prefix_caching = False
+    if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
+        logger.info("vtw.vllm: prefix caching stays on; hits stop at a request's first visual token (a shared "
+                    "text prefix is reused, an image and what follows it is recomputed)")
     if not mc.enforce_eager:
         logger.warning("vtw.vllm: running eagerly (enforce_eager=True): the deep layers' token count "
                        "changes every step, which torch.compile and CUDA graphs do not capture")
