@@ -3,9 +3,9 @@ SmolVLM, InternVL, Mistral 3), tiny random models, float32, CPU, eager and SDPA.
 
 The reference here is the *masking definition* of withdrawal, independent of vtw: the unmodified
 model on ONE unpadded sample, no cache, with a forward pre-hook on every decoder layer >= K that
-replaces its attention mask by "causal, and no query attends to a visual key" (a visual query
-still sees itself, so no row of the mask is empty); everything else (vision tower, DeepStack,
-M-RoPE positions, ...) as the model computes it. Greedy decoding recomputes the whole sequence at
+takes the mask the model built for that layer (causal; PaliGemma's bidirectional prefix; ...)
+and removes every visual key from it (a visual query still sees itself, so no row of the mask is
+empty); everything else (vision tower, DeepStack, M-RoPE positions, ...) as the model computes it. Greedy decoding recomputes the whole sequence at
 every step. vtw runs batched (left padding, rows with 0, 1 and 2 pictures), with a cache.
 """
 
@@ -36,27 +36,34 @@ class Case(_Case):
 # The reference
 
 
-def _masked_forward(case: Case, K: int, ids: list[int], mm: dict, extra_mask=None, grad=False, **kw) -> torch.Tensor:
+def _masked_forward(case: Case, K: int, ids: list[int], mm: dict, extra_mask=None, grad=False, n_prompt=None,
+                    **kw) -> torch.Tensor:
     """Logits [n, V] of the unmodified model on one unpadded sequence, in which every decoder
     layer >= K lets no query attend to a visual key (`extra_mask` [n, n] bool, if given, is
-    and-ed in: e.g. packed-sequence boundaries)."""
+    and-ed in: e.g. packed-sequence boundaries). `n_prompt`: the prompt's length (PaliGemma: the
+    prompt is the prefix, token type 0; generated tokens are type 1)."""
     model = case.model
     text = case.text
     assert not vtw.is_enabled(model)
     ids_t = torch.tensor([ids])
     n = len(ids)
     visual = torch.isin(ids_t[0], torch.tensor(case.visual_ids))
-    allowed = torch.ones(n, n, dtype=torch.bool).tril() & ~visual[None, :]
+    keep = ~visual[None, :]
     if extra_mask is not None:
-        allowed &= extra_mask
-    allowed |= torch.eye(n, dtype=torch.bool)
+        keep = keep & extra_mask
     dtype = next(model.parameters()).dtype
-    additive = torch.zeros(n, n, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
     seen = []
 
     def pre(module, args, kwargs):
         assert "attention_mask" in kwargs
-        kwargs["attention_mask"] = additive
+        own = kwargs["attention_mask"]  # what the model built for this layer: None (causal), bool or additive
+        if own is None:
+            base = torch.ones(n, n, dtype=torch.bool).tril()
+        else:
+            assert own.shape[-2:] == (n, n), own.shape
+            base = own[0, 0] if own.dtype == torch.bool else own[0, 0] == 0
+        allowed = (base & keep) | torch.eye(n, dtype=torch.bool)
+        kwargs["attention_mask"] = torch.zeros(n, n, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
         seen.append(1)
         return args, kwargs
 
@@ -65,6 +72,8 @@ def _masked_forward(case: Case, K: int, ids: list[int], mm: dict, extra_mask=Non
         inputs = dict(input_ids=ids_t, **mm)
         if case.extra is not None:
             inputs.update(case.extra(ids_t, torch.ones_like(ids_t)))
+        if n_prompt is not None and "token_type_ids" in inputs and case.name == "paligemma":
+            inputs["token_type_ids"] = (torch.arange(n) >= n_prompt).long()[None]
         with torch.set_grad_enabled(grad):
             out = model(**inputs, **kw, use_cache=False)
     finally:
@@ -77,7 +86,7 @@ def _masked_forward(case: Case, K: int, ids: list[int], mm: dict, extra_mask=Non
 def ref_greedy(case: Case, K: int, sample: Sample, steps: int):
     tokens, logits = [], []
     for _ in range(steps):
-        lg = _masked_forward(case, K, sample.ids + tokens, sample.mm)[-1]
+        lg = _masked_forward(case, K, sample.ids + tokens, sample.mm, n_prompt=len(sample.ids))[-1]
         logits.append(lg)
         masked = lg.clone()
         masked[case.suppress] = float("-inf")
@@ -392,6 +401,37 @@ def _gemma3_case(attn: str, seed: int = 0) -> Case:
     return Case("gemma3", model, (63,), 0, samples, _cat_mm, extra=extra)
 
 
+def _paligemma_case(attn: str, seed: int = 0, layers: int = 4) -> Case:
+    """PaliGemma (SigLIP, Gemma): 8x8 images, patch 2 -> 16 image tokens (63), first in the
+    prompt as the processor puts them; the whole prompt is the prefix (token_type_ids 0: it
+    attends bidirectionally within itself), generated tokens are causal (type 1)."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    enable_vtw_attention_if_present(attn)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=8,
+                  patch_size=2)
+    text = dict(model_type="gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=256,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    cfg = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_id=63, projection_dim=32)
+    torch.manual_seed(seed)
+    model = _finish(PaliGemmaForConditionalGeneration(cfg), attn)
+    g = torch.Generator().manual_seed(seed + 1)
+    I = [63] * 16
+
+    def sample(n_img, text_ids):
+        mm = {"pixel_values": torch.randn(n_img, 3, 8, 8, generator=g)} if n_img else {}
+        return Sample(I * n_img + [1] + text_ids + [10], mm)
+
+    samples = [sample(1, [5, 6, 7, 8, 9]), sample(2, [3, 4]), sample(0, [11, 12]),
+               sample(1, [13, 14, 15, 16, 17, 18, 19, 20])]
+
+    def extra(ids, am):
+        return {"token_type_ids": torch.zeros_like(ids)}
+
+    return Case("paligemma", model, (63,), 0, samples, _cat_mm, extra=extra)
+
+
 BUILDERS = {
     "qwen3_vl": lambda attn: _qwen3_case("qwen3_vl", attn),
     "qwen3_vl_moe": lambda attn: _qwen3_case("qwen3_vl_moe", attn),
@@ -400,6 +440,7 @@ BUILDERS = {
     "internvl": _internvl_case,
     "mistral3": _mistral3_case,
     "glm4v": _glm4v_case,
+    "paligemma": _paligemma_case,
 }
 
 
@@ -508,3 +549,24 @@ def test_float64_is_exact_to_rounding():
     assert generated(out, inputs).tolist() == [toks for toks, _ in refs]
     for b, (_, ref_logits) in enumerate(refs):
         torch.testing.assert_close(last[b], ref_logits[0], atol=1e-10, rtol=0, msg=lambda m: f"row {b}: {m}")
+
+
+def test_paligemma_new_picture_over_a_filled_cache_is_refused():
+    from transformers import DynamicCache
+
+    from vtw.compat.transformers import cache_kwargs
+
+    c = _paligemma_case("sdpa")
+    s = c.samples[0]
+    ids = torch.tensor([s.ids])
+    vtw.enable(c.model, 1)
+    try:
+        cache = DynamicCache(config=c.model.config)
+        with torch.no_grad():
+            c.model(input_ids=ids, **s.mm, token_type_ids=torch.zeros_like(ids), **cache_kwargs(cache), use_cache=True)
+            with pytest.raises(NotImplementedError, match="pixel_values over a filled cache"):
+                c.model(input_ids=ids, **s.mm, token_type_ids=torch.zeros_like(ids),
+                        attention_mask=torch.ones(1, 2 * ids.shape[1], dtype=torch.long), **cache_kwargs(cache),
+                        use_cache=True)
+    finally:
+        vtw.disable(c.model)

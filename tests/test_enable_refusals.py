@@ -35,13 +35,6 @@ def _mllama():
         text_config=_text(cross_attention_layers=[1, 3])))
 
 
-def _paligemma():
-    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-
-    return PaliGemmaForConditionalGeneration(PaliGemmaConfig(
-        vision_config=_vision(), text_config=dict(model_type="gemma", **_text()), image_token_id=63))
-
-
 def _llama4():
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
@@ -70,10 +63,9 @@ def _gemma3():
 
 @pytest.mark.parametrize("build, cls, reason", [
     (_mllama, "MllamaForConditionalGeneration", "cross-attention"),
-    (_paligemma, "PaliGemmaForConditionalGeneration", "attends bidirectionally"),
     (_llama4, "Llama4ForConditionalGeneration", "chunked-attention"),
     (_ernie, "Ernie4_5_VLMoeForConditionalGeneration", "moe_mm_token_type_ids"),
-], ids=["mllama", "paligemma", "llama4", "ernie4_5_vl_moe"])
+], ids=["mllama", "llama4", "ernie4_5_vl_moe"])
 def test_family_is_refused_with_its_reason(build, cls, reason):
     torch.manual_seed(0)
     model = build()

@@ -212,7 +212,9 @@ def _check_supported(model, wiring: _models.Wiring, layer: int) -> None:
                 "attention_mask, position_embeddings, position_ids and the cache)")
     if layer < len(wiring.layers):
         bidir = getattr(tcfg, "use_bidirectional_attention", None)
-        if bidir:
+        # PaliGemma's decoder is "bidirectional" (its attention is not causal by itself): the causal
+        # and prefix structure comes from the mask the model builds, which vtw reproduces.
+        if bidir and not wiring.prefix_blocks:
             raise NotImplementedError(f"vtw.enable: {name} is not supported: its text decoder attends "
                                       f"bidirectionally (use_bidirectional_attention={bidir!r}); vtw's deep layers "
                                       "are causal")
@@ -440,7 +442,31 @@ def _withdraw_mask(state: _State, inputs: dict):
         lo, hi = torch.stack([lo, hi]).tolist()
         num_keep = max(hi, 1)
         dense = lo == hi and hi > 0  # every row keeps num_keep tokens: no padding slot in the deep layers
-    return _Pending(vm, num_keep, pad, dense)
+    return _Pending(vm, num_keep, pad, dense, _prefix_blocks(state, inputs, S))
+
+
+def _prefix_blocks(state: _State, inputs: dict, S: int):
+    """PaliGemma's prefix: [B, S] block ids (0: prefix, which attends bidirectionally within
+    itself; -1: causal), exactly when the model builds its own mask with them (token_type_ids
+    given, and an empty cache or pixel values), else None."""
+    if not state.wiring.prefix_blocks:
+        return None
+    tt = inputs.get("token_type_ids")
+    if tt is None:
+        return None
+    cache = _tf.layer_cache(inputs)
+    filled = cache is not None and getattr(cache, "is_initialized", False)
+    if filled and inputs.get("pixel_values") is None:
+        return None  # the model builds a causal mask (a decode step, a text follow-up)
+    if filled:
+        raise NotImplementedError(
+            f"vtw: {type(state.wiring.model).__name__}: a forward with pixel_values over a filled cache (a new "
+            "picture in a follow-up turn) gives the prefix mask over this chunk only; vtw does not reproduce that "
+            "in the deep layers: start from a new cache")
+    if not isinstance(tt, torch.Tensor) or tt.ndim != 2 or tt.shape[1] < S:
+        raise ValueError(f"vtw: token_type_ids must be a [B, S] tensor, got "
+                         f"{tuple(tt.shape) if isinstance(tt, torch.Tensor) else type(tt).__name__}")
+    return torch.where(tt[:, tt.shape[1] - S:] == 0, 0, -1)
 
 
 class _Pending(NamedTuple):
@@ -448,6 +474,7 @@ class _Pending(NamedTuple):
     num_keep: int
     padding: torch.Tensor | None  # [B, S] bool: padding of this chunk
     dense: bool = False  # known on the host: every deep slot of this chunk holds a kept token
+    block: torch.Tensor | None = None  # [B, S] prefix block ids (PaliGemma), see _prefix_blocks
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,12 +613,13 @@ def _withdraw(hidden, mask, num_keep):
 def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep, explicit_pad) -> _Deep:
     B, S, _ = hidden.shape
     dense = False
+    block = None
     if explicit_mask is not None:
         wmask = explicit_mask
         num_keep = S if explicit_keep is None else explicit_keep
         padding = explicit_pad
     elif state.pending is not None:
-        wmask, num_keep, padding, dense = state.pending
+        wmask, num_keep, padding, dense, block = state.pending
     else:
         raise RuntimeError("vtw: no withdraw mask for this forward: call the model (or its language model) with "
                            "input_ids, or give vtw.enable a visual_mask= callable")
@@ -605,7 +633,7 @@ def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep, explicit
         # their compacted past and to this chunk, and are compacted once the last layer has run.
         valid = ~padding.to(hidden.device) if padding is not None else torch.ones_like(wmask)
         deep_padding, dense = _deep_padding(state, cache, valid, S, dense)
-        mask = _deep_causal_mask(state, hidden, deep_padding, cache, dense)
+        mask = _deep_causal_mask(state, hidden, deep_padding, cache, dense, block=block)
         return _Deep(hidden=hidden, full=hidden, keep_index=None, valid=None, mask=mask,
                      position_embeddings=kwargs.get("position_embeddings"), position_ids=kwargs.get("position_ids"),
                      cache=cache, compact=wmask)
@@ -629,26 +657,32 @@ def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep, explicit
                 pos = _gather_seq(pos, gidx)
             elif pos.ndim == 3:  # [streams, B, S]
                 pos = torch.stack([_gather_seq(p, gidx) for p in pos.unbind(0)])
+        if block is not None:  # padding slots join no block
+            block = torch.where(valid, _gather_seq(block, gidx), -1)
     # else: one token in one slot per row (a decode step): the slot keeps the token's position,
     # so the rotary embeddings and position ids are used as they are (no gather, no copy).
     deep_padding, dense = _deep_padding(state, cache, valid, S, dense)
-    mask = _deep_causal_mask(state, out, deep_padding, cache, dense, packed)
+    mask = _deep_causal_mask(state, out, deep_padding, cache, dense, packed, block)
     return _Deep(hidden=out, full=hidden, keep_index=keep_index, valid=valid, mask=mask,
                  position_embeddings=pe, position_ids=pos, cache=cache, pe_source=pe_source, gather_index=gidx)
 
 
-def _deep_causal_mask(state: _State, inputs_embeds, padding, cache, dense: bool = False, packed=None):
+def _deep_causal_mask(state: _State, inputs_embeds, padding, cache, dense: bool = False, packed=None, block=None):
     """The deep layers' attention mask, without reading tensor data on the host: when the host
     knows that every deep slot holds a token (`dense`), no padding mask is passed (SDPA then runs
     with ``is_causal`` or no mask, as the unmodified model does without padding); otherwise the
     padding mask is always applied (``allow_is_causal_skip=False``), instead of letting
     transformers test it for all-True, which would synchronise with the device here, inside the
-    layer loop."""
+    layer loop. `block`: PaliGemma's prefix block ids over the deep slots (bidirectional within
+    the kept prefix tokens, as the model's own mask is within the whole prefix)."""
+    kw = {} if block is None else {"block_sequence_ids": block}
+    # A decoder whose attention is not causal by itself (PaliGemma) always gets an explicit mask.
+    skip = not state.wiring.prefix_blocks
     if packed is not None:  # packed sequences (no cache): causal within each sequence, over the kept slots
         return _tf.create_causal_mask(state.config, inputs_embeds, padding, None, position_ids=None,
                                       layer_idx=state.layer, allow_is_causal_skip=False,
-                                      and_mask_function=_tf.packed_sequence_mask_function(packed))
-    if (not dense and inputs_embeds.shape[1] == 1 and state.config._attn_implementation in _BOOL_MASK_IMPLS
+                                      and_mask_function=_tf.packed_sequence_mask_function(packed), **kw)
+    if (block is None and not dense and inputs_embeds.shape[1] == 1 and state.config._attn_implementation in _BOOL_MASK_IMPLS
             and padding.shape[1] == _deep_kv_length(cache, state.layer, 1)):
         # One query per row (a decode step) sees every slot before it: SDPA's boolean mask is the
         # padding mask itself, a view (what create_causal_mask builds from it with several kernels).
@@ -656,9 +690,9 @@ def _deep_causal_mask(state: _State, inputs_embeds, padding, cache, dense: bool 
     view = _DeepView(cache, state.layer) if cache is not None else None
     if dense:
         return _tf.create_causal_mask(state.config, inputs_embeds, None, view, position_ids=None,
-                                      layer_idx=state.layer)
+                                      layer_idx=state.layer, allow_is_causal_skip=skip, **kw)
     return _tf.create_causal_mask(state.config, inputs_embeds, padding, view, position_ids=None,
-                                  layer_idx=state.layer, allow_is_causal_skip=False)
+                                  layer_idx=state.layer, allow_is_causal_skip=False, **kw)
 
 
 _BOOL_MASK_IMPLS = ("sdpa", "vtw")  # whose mask function builds SDPA's boolean [B, 1, q, kv] mask

@@ -57,6 +57,9 @@ class Family:
     #: name reads a sub-config (``"vision_config.image_token_id"``).
     token_id_attrs: tuple[str, ...] = ("image_token_id", "video_token_id")
     notes: str = ""
+    #: the model's own mask lets a prefix (token_type_ids == 0) attend bidirectionally within
+    #: itself (PaliGemma): vtw gathers the prefix block ids into the deep layers' mask.
+    prefix_blocks: bool = False
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Wiring:
     token_ids: tuple[int, ...]
     outer_params: tuple[str, ...] = field(default=())  # positional parameter names of outer.forward
     text_params: tuple[str, ...] = field(default=())
+    prefix_blocks: bool = False  # see Family.prefix_blocks
 
 
 FAMILIES: list[Family] = [
@@ -98,6 +102,8 @@ FAMILIES: list[Family] = [
     Family("mistral3", ("Mistral3Model",), notes="[IMG_BREAK] and [IMG_END] stay as text"),
     Family("glm4v", ("Glm4vModel",), notes="3-D M-RoPE, as Qwen2-VL"),
     Family("kimi_k25", ("Kimi_K25Model",), notes="MLA attention, MoE"),
+    Family("paligemma", ("PaliGemmaModel",), prefix_blocks=True,
+           notes="prefix (image and prompt) bidirectional: the deep layers' mask keeps it over the kept prefix tokens"),
 ]
 
 #: Families vtw refuses, by class name (the outer model or the class given to `vtw.enable`), with
@@ -106,9 +112,6 @@ REFUSED: dict[str, str] = {
     "MllamaModel": "vision enters through cross-attention layers (cross_attention_states), not as tokens of "
                    "the sequence: there are no visual tokens to withdraw",
     "MllamaForConditionalGeneration": "see MllamaModel",
-    "PaliGemmaModel": "its prefix (image and prompt) attends bidirectionally (token_type_ids); vtw's deep "
-                      "layers are causal over the text, and carrying the prefix mask into them is not implemented",
-    "PaliGemmaForConditionalGeneration": "see PaliGemmaModel",
     "Llama4Model": "its decoder has chunked-attention and NoPE layers, complex rotary embeddings (freqs_cis) "
                    "and sits two attributes deep (language_model.model.layers); withdrawal of chunked "
                    "layers is not defined",
@@ -185,7 +188,9 @@ def resolve(model) -> Wiring:
                     f"vtw.enable: cannot wire {type(model).__name__}: family {fam.name!r} expects "
                     f"{type(outer).__name__}.{fam.language_model_attr}.{fam.layers_attr} to be a non-empty "
                     "nn.ModuleList of decoder layers")
-            return _wiring(fam.name, model, outer, text, layers, _token_ids(outer.config, fam.token_id_attrs))
+            w = _wiring(fam.name, model, outer, text, layers, _token_ids(outer.config, fam.token_id_attrs))
+            w.prefix_blocks = fam.prefix_blocks
+            return w
     # 2. Any multimodal wrapper exposing language_model.layers, or a text-only decoder.
     default_attrs = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
     for outer in _candidates(model):
