@@ -37,11 +37,12 @@ class Case(_Case):
 
 
 def _masked_forward(case: Case, K: int, ids: list[int], mm: dict, extra_mask=None, grad=False, n_prompt=None,
-                    **kw) -> torch.Tensor:
+                    own_mask=True, **kw) -> torch.Tensor:
     """Logits [n, V] of the unmodified model on one unpadded sequence, in which every decoder
     layer >= K lets no query attend to a visual key (`extra_mask` [n, n] bool, if given, is
     and-ed in: e.g. packed-sequence boundaries). `n_prompt`: the prompt's length (PaliGemma: the
-    prompt is the prefix, token type 0; generated tokens are type 1)."""
+    prompt is the prefix, token type 0; generated tokens are type 1). `own_mask=False`: start
+    the layers >= K from a plain causal mask instead of the model's."""
     model = case.model
     text = case.text
     assert not vtw.is_enabled(model)
@@ -57,7 +58,7 @@ def _masked_forward(case: Case, K: int, ids: list[int], mm: dict, extra_mask=Non
     def pre(module, args, kwargs):
         assert "attention_mask" in kwargs
         own = kwargs["attention_mask"]  # what the model built for this layer: None (causal), bool or additive
-        if own is None:
+        if own is None or not own_mask:
             base = torch.ones(n, n, dtype=torch.bool).tril()
         else:
             assert own.shape[-2:] == (n, n), own.shape
@@ -505,14 +506,15 @@ def test_static_cache_generate_matches_reference(case):
 
 
 @pytest.mark.parametrize("attn", ATTN)
-def test_gemma3_after_its_last_sliding_layer_matches_reference(attn):
-    # Gemma 3 is accepted from the layer after its last sliding-window layer (here K = 3 of 4):
-    # the deep layers are full attention, with the global rotary of their own layer type.
+def test_gemma3_sliding_window_layers_match_reference(attn):
+    # Gemma 3 at every K: its sliding-window layers >= K attend to the kept tokens whose ORIGINAL
+    # position is within the window (window 4, shorter than every prompt with a picture), with the
+    # local rotary of their layer type; the full-attention ones see every kept token.
     c = _gemma3_case(attn)
     c.refs = {}
     assert vtw.models.resolve(c.model).token_ids == (63,)
     inputs = batch_inputs(c)
-    for K in (3, 4):
+    for K in (0, 1, 2, 3, 4):
         refs = _refs(c, K)
         vtw.enable(c.model, K)
         try:
@@ -521,8 +523,16 @@ def test_gemma3_after_its_last_sliding_layer_matches_reference(attn):
         finally:
             vtw.disable(c.model)
         assert_generate_matches(c, K, out, inputs, refs)
-    full, cut = _refs(c, 4), _refs(c, 3)
+    full, cut = _refs(c, 4), _refs(c, 1)
     assert max((a - b).abs().max() for a, b in zip(full[0][1], cut[0][1])) > 1e-3  # withdrawal changes row 0
+    # a static cache evicts sliding layers by slot: refused for sliding layers >= K, fine after them
+    vtw.enable(c.model, 1)
+    try:
+        with pytest.raises(NotImplementedError, match="sliding-window layer with a StaticSlidingWindowLayer cache"):
+            with torch.no_grad():
+                c.model.generate(**inputs, **gen_kwargs(c, STEPS, cache_implementation="static"))
+    finally:
+        vtw.disable(c.model)
 
 
 def test_float64_is_exact_to_rounding():

@@ -132,7 +132,7 @@ def enable(model: nn.Module, layer: int, *, visual_mask=None, mode: str = "withd
         raise ValueError(f"vtw.enable: {type(model).__name__} has no image/video token id in its config "
                          "(image_token_id, video_token_id); pass visual_mask= (a callable returning the [B, S] "
                          "bool mask of visual tokens)")
-    _check_supported(model, wiring, layer)
+    _check_supported(model, wiring, layer, mode)
     if getattr(wiring.text_model, "_vtw_state", None) is not None:
         _uninstall(wiring.text_model._vtw_state)
     state = _State(wiring, layer, mode, visual_mask)
@@ -173,14 +173,14 @@ _LAYER_PARAMS = frozenset({
 })
 
 _LAYER_TYPE_REASONS = {
-    "sliding_attention": "a sliding window over withdrawn positions is not implemented",
+    "sliding_attention": "sliding-window layers from K on are handled in mode='withdraw' only",
     "chunked_attention": "chunked attention over withdrawn positions is not defined",
     "linear_attention": "a linear-attention (recurrent) layer has no per-token keys to withdraw from",
     "conv": "a convolution mixes neighbouring tokens, withdrawn or not",
 }
 
 
-def _check_supported(model, wiring: _models.Wiring, layer: int) -> None:
+def _check_supported(model, wiring: _models.Wiring, layer: int, mode: str = "withdraw") -> None:
     """Refuses, with one error naming the model class and the reason, whatever vtw cannot prove
     gives exactly the withdrawn model from layer `layer` on. Layers < `layer` run unchanged."""
     name = type(model).__name__
@@ -194,7 +194,10 @@ def _check_supported(model, wiring: _models.Wiring, layer: int) -> None:
             raise NotImplementedError(f"vtw.enable: {name} is not supported: decoder layer {i} ({cls}) is a "
                                       "cross-attention layer; vision that enters through cross-attention has no "
                                       "tokens to withdraw")
-        if layer_types is not None and layer_types[i] != "full_attention":
+        if layer_types is not None and layer_types[i] == "sliding_attention" and mode == "withdraw" and \
+                isinstance(getattr(tcfg, "sliding_window", None), int):
+            pass  # the window counts original positions in the deep layers (_deep_sliding_mask)
+        elif layer_types is not None and layer_types[i] != "full_attention":
             reason = _LAYER_TYPE_REASONS.get(layer_types[i], "vtw handles full-attention layers only")
             first_ok = max(j for j, t in enumerate(layer_types) if t != "full_attention") + 1
             raise NotImplementedError(
@@ -255,6 +258,10 @@ class _State:
         self.pending: _Pending | None = None  # the withdraw mask etc. of the forward in progress
         self.deep: _Deep | None = None  # the deep layers' tensors of the forward in progress
         self.in_deep = False  # layer K has run in the forward in progress (DeepStack is skipped from then on)
+        types = getattr(wiring.text_model.config, "layer_types", None)
+        #: layer type of every decoder layer (None: all full attention), and whether one >= K slides
+        self.layer_types = list(types) if types is not None else None
+        self.sliding_deep = types is not None and any(t == "sliding_attention" for t in types[layer:])
         self.gen_padding = None  # ((B, S), [B, S] padding or None): generate's, for its next forward (static cache)
 
     @property
@@ -498,6 +505,7 @@ class _Deep:
     gather_index: torch.Tensor | None = None  # [B, num_keep] (clamped keep_index) when the rotary is gathered
     pe_other: list = field(default_factory=list)  # [(source, gathered)] for other layer types' rotary
     last: object = None  # the previous deep layer's output (what the next one must receive)
+    sliding_mask: object = None  # the sliding-window deep layers' mask (window over original positions)
 
     def rotary(self, pe):
         """The deep layers' rotary (cos, sin) for `pe`, the one this layer received: the gathered
@@ -563,7 +571,10 @@ def _layer_forward(state: _State, idx: int, layer, hidden_states, *args, **kwarg
                 f"vtw: {type(state.wiring.text_model).__name__} changed the hidden states between decoder layers "
                 f"{idx - 1} and {idx} (code between its layers, which vtw cannot carry to the withdrawn layout); "
                 "this model cannot be withdrawn exactly at this layer")
-    kwargs["attention_mask"] = deep.mask
+    if deep.sliding_mask is not None and state.layer_types[idx] == "sliding_attention":
+        kwargs["attention_mask"] = deep.sliding_mask
+    else:
+        kwargs["attention_mask"] = deep.mask
     if "position_embeddings" in kwargs:
         kwargs["position_embeddings"] = deep.rotary(kwargs["position_embeddings"])
     if "position_ids" in kwargs:
@@ -661,13 +672,28 @@ def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep, explicit
             block = torch.where(valid, _gather_seq(block, gidx), -1)
     # else: one token in one slot per row (a decode step): the slot keeps the token's position,
     # so the rotary embeddings and position ids are used as they are (no gather, no copy).
-    deep_padding, dense = _deep_padding(state, cache, valid, S, dense)
+    slot_pos = None
+    if state.sliding_deep:  # the window counts original positions: the deep slots' positions are kept
+        if not (isinstance(pos, torch.Tensor) and pos.ndim == 2):
+            raise NotImplementedError(
+                f"vtw: {type(state.wiring.text_model).__name__} has sliding-window layers from layer {state.layer} "
+                "on, whose window counts original positions: its decoder layers must receive 2-D position_ids")
+        slot_pos = pos.expand(B, -1)
+    deep_padding, dense = _deep_padding(state, cache, valid, S, dense, slot_pos)
     mask = _deep_causal_mask(state, out, deep_padding, cache, dense, packed, block)
+    sliding = None
+    if state.sliding_deep:
+        book = getattr(cache, "_vtw_book", None) if cache is not None else None
+        all_pos = book.pos if book is not None else slot_pos
+        sliding = _deep_causal_mask(state, out, deep_padding, cache, dense, packed, block,
+                                    window=(all_pos, state.config.sliding_window))
     return _Deep(hidden=out, full=hidden, keep_index=keep_index, valid=valid, mask=mask,
-                 position_embeddings=pe, position_ids=pos, cache=cache, pe_source=pe_source, gather_index=gidx)
+                 position_embeddings=pe, position_ids=pos, cache=cache, pe_source=pe_source, gather_index=gidx,
+                 sliding_mask=sliding)
 
 
-def _deep_causal_mask(state: _State, inputs_embeds, padding, cache, dense: bool = False, packed=None, block=None):
+def _deep_causal_mask(state: _State, inputs_embeds, padding, cache, dense: bool = False, packed=None, block=None,
+                      window=None):
     """The deep layers' attention mask, without reading tensor data on the host: when the host
     knows that every deep slot holds a token (`dense`), no padding mask is passed (SDPA then runs
     with ``is_causal`` or no mask, as the unmodified model does without padding); otherwise the
@@ -677,7 +703,14 @@ def _deep_causal_mask(state: _State, inputs_embeds, padding, cache, dense: bool 
     the kept prefix tokens, as the model's own mask is within the whole prefix)."""
     kw = {} if block is None else {"block_sequence_ids": block}
     # A decoder whose attention is not causal by itself (PaliGemma) always gets an explicit mask.
-    skip = not state.wiring.prefix_blocks
+    skip = not state.wiring.prefix_blocks and window is None
+    if window is not None:  # a sliding window over the slots' original positions
+        win = _tf.window_mask_function(*window)
+        kw["and_mask_function"] = win if packed is None else _tf.and_mask_functions(
+            win, _tf.packed_sequence_mask_function(packed))
+        view = _DeepView(cache, state.layer) if cache is not None else None
+        return _tf.create_causal_mask(state.config, inputs_embeds, None if dense else padding, view,
+                                      position_ids=None, layer_idx=state.layer, allow_is_causal_skip=False, **kw)
     if packed is not None:  # packed sequences (no cache): causal within each sequence, over the kept slots
         return _tf.create_causal_mask(state.config, inputs_embeds, padding, None, position_ids=None,
                                       layer_idx=state.layer, allow_is_causal_skip=False,
@@ -748,13 +781,14 @@ class _Book:
         self.mask: torch.Tensor | None = None  # [B, slots] bool
         self.full_len = None  # K == 0 only: tokens seen by the model (layer 0's cache is text-only)
         self.dense = True  # known on the host: every slot of `mask` is True (no padding slot)
+        self.pos: torch.Tensor | None = None  # [B, slots] original positions (sliding deep layers only)
 
 
 def _is_static(lay) -> bool:
     return lay is not None and hasattr(lay, "max_cache_len") and getattr(lay, "is_compileable", False)
 
 
-def _deep_padding(state: _State, cache, valid: torch.Tensor, S: int, dense: bool = False):
+def _deep_padding(state: _State, cache, valid: torch.Tensor, S: int, dense: bool = False, pos=None):
     """The deep layers' padding mask over their slots (past and this chunk's), recorded on the
     cache, and whether the host knows that every one of those slots holds a token (`dense`
     says so for this chunk; the record remembers it for the past)."""
@@ -770,6 +804,8 @@ def _deep_padding(state: _State, cache, valid: torch.Tensor, S: int, dense: bool
         cache._vtw_book = book
         if not torch.compiler.is_compiling():
             _adopt(cache)
+        if state.sliding_deep:
+            _unslide(state, cache)
     layers = cache.layers
     lay = layers[K] if K < len(layers) else None
     B, n = valid.shape
@@ -798,12 +834,35 @@ def _deep_padding(state: _State, cache, valid: torch.Tensor, S: int, dense: bool
                          "filled before vtw.enable?); start from a new cache")
     deep = torch.cat([prev, valid], dim=1)
     book.mask = deep
+    if pos is not None:
+        prev_pos = book.pos[:, :past] if book.pos is not None else pos.new_zeros(B, 0)
+        book.pos = torch.cat([prev_pos, pos.expand(B, -1)], dim=1)
     # A cropped record is a prefix of a dense one: still dense; an empty one is dense.
     book.dense = dense and (past == 0 or book.dense)
     if K == 0:
         full = 0 if book.full_len is None else book.full_len
         book.full_len = full + S
     return deep, book.dense
+
+
+def _unslide(state: _State, cache) -> None:
+    """Sliding-window deep layers: their cache layers evict by slot count, which in the withdrawn
+    layout (padding slots after a row's prompt) could drop tokens inside the window of original
+    positions. They get a full cache layer instead (the window is applied by the mask)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = cache.layers
+    for i in range(state.layer, min(len(layers), state.num_layers)):
+        lay = layers[i]
+        if getattr(lay, "is_sliding", False):
+            if _is_static(lay) or not isinstance(lay, DynamicLayer):
+                raise NotImplementedError(
+                    f"vtw: decoder layer {i} is a sliding-window layer with a {type(lay).__name__} cache; vtw handles "
+                    "sliding-window layers from K on with a dynamic cache only (use the default cache, or a layer "
+                    "after the last sliding one)")
+            if getattr(lay, "is_initialized", False):
+                raise ValueError(f"vtw: layer {i}'s cache was filled before vtw.enable; start from a new cache")
+            layers[i] = DynamicLayer()
 
 
 def _compact_deep_caches(state: _State, cache, wmask: torch.Tensor) -> None:
@@ -854,18 +913,24 @@ class _VtwCacheMixin:
         book = getattr(self, "_vtw_book", None)
         if book is not None and book.mask is not None:
             book.mask = book.mask.index_select(0, beam_idx.to(book.mask.device))
+        if book is not None and book.pos is not None:
+            book.pos = book.pos.index_select(0, beam_idx.to(book.pos.device))
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
         book = getattr(self, "_vtw_book", None)
         if book is not None and book.mask is not None:
             book.mask = book.mask.repeat_interleave(repeats, dim=0)
+        if book is not None and book.pos is not None:
+            book.pos = book.pos.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices):
         super().batch_select_indices(indices)
         book = getattr(self, "_vtw_book", None)
         if book is not None and book.mask is not None:
             book.mask = book.mask[indices]
+        if book is not None and book.pos is not None:
+            book.pos = book.pos[indices]
 
     def crop(self, tokens_to_remove: int):
         super().crop(tokens_to_remove)

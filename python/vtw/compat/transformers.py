@@ -122,3 +122,24 @@ def packed_sequence_mask_function(sequence_ids):
         return sequence_ids[batch_idx, q_idx] == sequence_ids[batch_idx, kv_idx]
 
     return inner
+
+
+def window_mask_function(positions, window: int):
+    """A mask function: key within the sliding window of the query, counted in ORIGINAL positions
+    (``positions`` [B, slots]: the position of the token in every deep slot), as transformers'
+    sliding window counts them in the unmodified model (q - kv < window)."""
+
+    def inner(batch_idx, head_idx, q_idx, kv_idx):
+        return positions[batch_idx, q_idx] - positions[batch_idx, kv_idx] < window
+
+    return inner
+
+
+def and_mask_functions(*fns):
+    def inner(batch_idx, head_idx, q_idx, kv_idx):
+        out = fns[0](batch_idx, head_idx, q_idx, kv_idx)
+        for f in fns[1:]:
+            out = out & f(batch_idx, head_idx, q_idx, kv_idx)
+        return out
+
+    return inner
