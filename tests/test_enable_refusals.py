@@ -76,15 +76,18 @@ def test_family_is_refused_with_its_reason(build, cls, reason):
     assert "forward" not in model.__dict__
 
 
-def test_sliding_window_layers_from_K_on_are_refused():
+def test_sliding_window_layers_from_K_on_are_refused_in_compact_mode():
+    # (In mode="withdraw" they are supported: test_enable_hf_families.py.)
     torch.manual_seed(0)
     model = _gemma3()
     for K in (0, 1, 2):
         with pytest.raises(NotImplementedError, match=r"Gemma3ForConditionalGeneration is not supported at "
                                                       rf"layer={K}: decoder layer {K + K % 2} of Gemma3TextModel is "
-                                                      r"'sliding_attention' .*; layer must be >= 3"):
-            vtw.enable(model, K)
+                                                      r"'sliding_attention' .*mode='withdraw' only.*; layer must be >= 3"):
+            vtw.enable(model, K, mode="compact")
         assert not vtw.is_enabled(model)
+    vtw.enable(model, 3, mode="compact")
+    vtw.disable(model)
 
 
 class _Extra(nn.Module):

@@ -68,8 +68,13 @@ static cache, ``generate`` keeps passing the model its own 4-D masks; vtw record
 padding from the 2-D mask they are built from (no per-step growth of any input). At ``layer ==
 L`` nothing is installed.
 
+Sliding-window layers from ``layer`` on (Gemma 3): their window counts original positions (the
+deep slots' positions are recorded on the cache, ``_Book.pos``, and and-ed into their own mask);
+their cache layers are replaced by full ones on first use (a sliding cache evicts by slot count,
+which in the withdrawn layout could drop tokens inside the window).
+
 Not supported: a 4-D ``attention_mask`` given by the caller (vtw needs the 2-D padding mask),
-sliding-window layers from ``layer`` on, ``inputs_embeds`` without ``input_ids`` unless
+sliding-window layers from ``layer`` on with a static cache or in compact mode, ``inputs_embeds`` without ``input_ids`` unless
 ``visual_mask=`` is given, cropping a cache (assisted decoding) across tokens that were
 withdrawn. FlashAttention-2 is untested (not installed here).
 """
