@@ -4,7 +4,7 @@ vLLM loads this plugin in every process it starts (entry point ``vllm.general_pl
 ``vtw = vtw.vllm:register``). It is switched on per model by the model config::
 
     LLM(model, hf_overrides={"vtw_layer": K, "vtw_kv": "shared"})
-    vllm serve MODEL --hf-overrides '{"vtw_layer": K, "vtw_kv": "shared"}'
+    python -m vllm.entrypoints.openai.api_server --model MODEL --hf-overrides '{"vtw_layer": K}'
 
 ``K`` is 0-based as in :func:`vtw.enable`: decoder layers ``>= K`` run on the text tokens only
 (every visual token is withdrawn at layer K). Without ``vtw_layer``, or with ``K`` equal to the
