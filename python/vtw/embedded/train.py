@@ -22,6 +22,11 @@ model trained on visual instructions):
    the cross-entropy of every answer token (at its ``ASSISTANT:`` colon), with label smoothing
    0.1; AdamW, linear warm-up, cosine decay.
 
+The folder written is the trained model with its language model's heads widened from 16 to 32
+dimensions (:func:`vtw.embedded.build.widen_heads`, an exact re-layout that vLLM's CPU attention
+can serve; checked against the trained model and recorded in ``training.json``), under the
+llava-hf weight names, with a chat template that writes the task's prompt.
+
 The model never sees withdrawal while training: the language model is trained on full pictures
 only, so what ``vtw.calibrate`` and the demo find about its deep layers is the trained model's
 own behaviour.
