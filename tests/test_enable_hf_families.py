@@ -27,9 +27,16 @@ STEPS = 3
 
 class Case(_Case):
     @property
-    def text(self):  # Idefics3 / SmolVLM keep the text decoder under .text_model
+    def text(self):  # Idefics3 / SmolVLM keep the text decoder under .text_model; Phi-4-MM is one
         m = self.model.model
-        return m.text_model if hasattr(m, "text_model") else m.language_model
+        if hasattr(m, "text_model"):
+            return m.text_model
+        return m.language_model if hasattr(m, "language_model") else m
+
+    @property
+    def suppress(self) -> list[int]:  # visual ids and EOS (Phi-4-MM's config is its text config)
+        eos = self.model.config.get_text_config().eos_token_id
+        return sorted(set(self.visual_ids) | ({eos} if isinstance(eos, int) else set()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,6 +440,48 @@ def _paligemma_case(attn: str, seed: int = 0, layers: int = 4) -> Case:
     return Case("paligemma", model, (63,), 0, samples, _cat_mm, extra=extra)
 
 
+def _kimi_case(attn: str, seed: int = 0, layers: int = 4) -> Case:
+    """Kimi K2.5 (MoonViT, DeepSeek-V3 text: MLA attention, MoE from layer 1): patches of 2x2
+    pixels merged 2x2, so an image of grid (1, h, w) gives h*w/4 image tokens (62) between
+    vision start/end (60, 61)."""
+    from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
+
+    enable_vtw_attention_if_present(attn)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=2,
+                  pos_emb_height=8, pos_emb_width=8, pos_emb_time=2, merge_kernel_size=[2, 2])
+    text = dict(model_type="deepseek_v3", hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+                qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, vocab_size=64, n_group=1, topk_group=1,
+                max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    cfg = Kimi_K25Config(vision_config=vision, text_config=text, projection_hidden_size=32, image_token_id=62,
+                         video_token_id=63, vision_start_token_id=60, vision_end_token_id=61)
+    torch.manual_seed(seed)
+    model = _finish(Kimi_K25ForConditionalGeneration(cfg), attn)
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def sample(parts):
+        ids, pvs, grids = [], [], []
+        for p in parts:
+            if isinstance(p, tuple):
+                h, w = p
+                pvs.append(torch.randn(h * w, 3, 2, 2, generator=g))
+                grids.append((1, h, w))
+                ids += [60] + [62] * (h * w // 4) + [61]
+            else:
+                ids += p
+        mm = {"pixel_values": torch.cat(pvs), "image_grid_thw": torch.tensor(grids)} if pvs else {}
+        return Sample(ids, mm)
+
+    samples = [
+        sample([[1, 5, 6], (4, 4), [7, 8, 9]]),
+        sample([[1, 3], (4, 6), [4, 5], (4, 4), [6]]),
+        sample([[1, 10, 11, 12]]),
+        sample([[1], (6, 4), [13, 14, 15, 16, 17, 18, 19, 20]]),
+    ]
+    return Case("kimi_k25", model, (62, 63), 0, samples, _cat_mm)
+
+
 BUILDERS = {
     "qwen3_vl": lambda attn: _qwen3_case("qwen3_vl", attn),
     "qwen3_vl_moe": lambda attn: _qwen3_case("qwen3_vl_moe", attn),
@@ -442,6 +491,7 @@ BUILDERS = {
     "mistral3": _mistral3_case,
     "glm4v": _glm4v_case,
     "paligemma": _paligemma_case,
+    "kimi_k25": _kimi_case,
 }
 
 
@@ -580,3 +630,41 @@ def test_paligemma_new_picture_over_a_filled_cache_is_refused():
                         use_cache=True)
     finally:
         vtw.disable(c.model)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_phi4_multimodal_image_tokens_are_withdrawn(attn):
+    # Phi-4-multimodal: the decoder itself merges the vision features, and the image token id is
+    # vision_config.image_token_id (audio tokens, 62, stay). Without the vision tower here (its
+    # HD-crop inputs are beyond a tiny test): the image-token positions carry their token
+    # embeddings, which withdrawal treats like any visual token; exact at every K.
+    from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=8,
+                  patch_size=2, crop_size=8, image_token_id=63)
+    audio = dict(hidden_size=32, intermediate_size=64, num_blocks=1, num_attention_heads=2, ext_pw_out_channel=32,
+                 depthwise_separable_out_channel=32, nemo_conv_channels=32, input_size=16, audio_token_id=62)
+    cfg = Phi4MultimodalConfig(vision_config=vision, audio_config=audio, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                               max_position_embeddings=256, original_max_position_embeddings=256, bos_token_id=1,
+                               eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = _finish(Phi4MultimodalForCausalLM(cfg), attn)
+    I = [63] * 6
+    samples = [Sample([1, 5, 6] + I + [7, 8, 9]), Sample([1, 3] + I + [4, 62, 62, 5] + I + [6]),
+               Sample([1, 10, 11, 12]), Sample([1] + I + [13, 14, 15, 16, 17, 18, 19, 20])]
+    c = Case("phi4_multimodal", model, (63,), 0, samples, _cat_mm)
+    c.refs = {}
+    w = vtw.models.resolve(model)
+    assert (w.family, w.token_ids, w.text_model) == ("phi4_multimodal", (63,), model.model)
+    inputs = batch_inputs(c)
+    for K in (0, 2, 4):
+        refs = _refs(c, K)
+        vtw.enable(model, K)
+        try:
+            with torch.no_grad():
+                out = model.generate(**inputs, **gen_kwargs(c, STEPS))
+        finally:
+            vtw.disable(model)
+        assert_generate_matches(c, K, out, inputs, refs)
+    assert max((a - b).abs().max() for a, b in zip(_refs(c, 4)[0][1], _refs(c, 0)[0][1])) > 1e-3
