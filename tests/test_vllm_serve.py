@@ -6,7 +6,8 @@ streaming and non-streaming, text-only requests mixed in). The answers must be e
 tokens of the Hugging Face model under ``vtw.enable`` at the same K, computed here in this
 process; accuracy is the demo's (the picture read) and at chance at K = 0. An undecodable picture
 gets HTTP 400 and the server keeps serving; every bad vtw setting stops the server at start with
-one line that names the setting and what is accepted. Every process a server starts is in its own
+one line that names the setting and what is accepted (and, in Python, the error is found inside vLLM's
+config error and printed as that one line). Every process a server starts is in its own
 session and is stopped (SIGTERM, then SIGKILL) however the test ends, each wait bounded."""
 
 from __future__ import annotations
@@ -253,3 +254,29 @@ def test_bad_settings_stop_the_server_with_one_line(tmp_path):
         assert last.startswith("error: vtw.vllm: ") and all(x in last for x in says), (overrides, last)
         # the line is the whole message: vtw's refusal appears nowhere else
         assert sum("vtw.vllm:" in line for line in (out + err).splitlines()) == 1, (out + err)[-3000:]
+
+
+def test_an_uncaught_setting_error_is_one_line(capsys):
+    """In Python too: the error vLLM's config raises (pydantic's ValidationError around vtw's
+    SettingError) is found, and the process's excepthook prints its one line and nothing else;
+    other exceptions go to the previous hook (a traceback)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vtw.vllm import _config
+
+    args = EngineArgs(model=str(embedded.path()), dtype="float32", max_model_len=256,
+                      hf_overrides={"vtw_layer": LAYERS + 1})
+    with pytest.raises(Exception) as e:
+        args.create_engine_config()
+    assert not isinstance(e.value, _config.SettingError)  # wrapped by vLLM's pydantic config
+    err = _config.setting_error(e.value)
+    assert isinstance(err, _config.SettingError) and isinstance(err, ValueError)
+    assert str(err) == f"vtw.vllm: vtw_layer must be in [0, {LAYERS}] (this model has {LAYERS} decoder layers; " \
+                       f"{LAYERS} withdraws nothing), got {LAYERS + 1}"
+    seen = []
+    _config._excepthook(type(e.value), e.value, e.value.__traceback__, lambda *a: seen.append(a))
+    assert capsys.readouterr().err == f"error: {err}\n" and not seen
+    other = RuntimeError("not vtw's")
+    _config._excepthook(RuntimeError, other, None, lambda *a: seen.append(a))
+    assert capsys.readouterr().err == "" and seen == [(RuntimeError, other, None)]
+    assert _config.setting_error(other) is None
