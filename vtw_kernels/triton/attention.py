@@ -159,8 +159,8 @@ def _varlen_fwd_kernel(Q, K, V, O, CU_Q, CU_K, Tq, Tk, qk_scale,
 
 def varlen_config(dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the varlen kernel on a GPU for this dtype and
-    padded head dim. Every entry compiles for sm_90a without register spills under Triton 3.6
-    and 3.8 (tests/test_attention.py checks each one ahead of time with ptxas)."""
+    padded head dim. Every entry compiles for sm_90a without register spills under Triton 3.6,
+    3.8 and 3.9 (tests/test_attention.py checks each one ahead of time with ptxas)."""
     if dtype == torch.float32:  # IEEE float32 products run on the FMA units: small tiles
         return {64: (32, 32, 4, 1), 128: (32, 16, 4, 1)}.get(block_d, (16, 16, 8, 1))
     if block_d <= 128:
