@@ -130,3 +130,19 @@ def test_matching_pip_headers_are_kept_quietly(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(mod, "_pip_cuda_includes", lambda: [cu13])
     assert mod._cuda_include_dirs(str(toolkit_home)) == [toolkit, cu13]
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("env_name", ["newest", "gpu-image"])
+def test_setup_env_without_the_sets_python_is_one_clear_line(env_name):
+    """The default set needs Python 3.13 (gpu-image 3.12): without it, setup_env.sh stops at once
+    with a line naming the set and what to do (VTW_PYTHON pointing nowhere stands in for a
+    machine without that Python; nothing is created or installed)."""
+    import os
+    import subprocess
+
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "setup_env.sh")], capture_output=True, text=True,
+                       env={**os.environ, "VTW_ENV": env_name, "VTW_PYTHON": "/nonexistent/python3"}, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"[setup_env] VTW_ENV={env_name}: no Python interpreter for this set (got '/nonexistent/python3')" in r.stderr
+    if env_name == "newest":
+        assert "Python 3.13" in r.stderr and "VTW_PYTHON" in r.stderr
