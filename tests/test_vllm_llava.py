@@ -129,7 +129,8 @@ def test_engine_start_adjustments(llm):
     vc = llm.llm_engine.vllm_config
     assert vc.cache_config.enable_prefix_caching is True  # stays on (hits capped: test_vllm_prefix)
     assert vc.model_config.enforce_eager is True
-    assert _runner_of(llm)._vtw is not None and _runner_of(llm)._vtw.settings.layer == LAYERS // 2
+    st = _runner.state_of(_runner_of(llm))
+    assert st is not None and st.settings.layer == LAYERS // 2
 
 
 @pytest.mark.parametrize("layer", [LAYERS // 2, 0, 1, LAYERS - 1, LAYERS])

@@ -56,9 +56,9 @@ def register() -> None:
 
     _config.install(supported=is_supported())
     if is_supported():
-        from . import _runner, _text_only
+        from . import _text_only, runners
 
-        _runner.install()
+        runners.install()
         _text_only.register()
 
 

@@ -118,8 +118,8 @@ def verify(vllm_config) -> Settings | None:
         logger.warning("vtw.vllm: running eagerly (enforce_eager=True): the deep layers' token count "
                        "changes every step, which torch.compile and CUDA graphs do not capture")
         mc.enforce_eager = True
-    logger.info("vtw.vllm: %s, visual tokens withdrawn from decoder layer %d of %d (kv: %s)",
-                s.family, s.layer, s.num_layers, s.kv)
+    # the "withdrawn from decoder layer K" log comes from the worker, once the wiring into the
+    # runner in use succeeded (vtw.vllm.runners.check_wired)
     return s
 
 

@@ -1,21 +1,17 @@
-"""The worker side: withdrawal inside the model's layer loop, fed by the model runner.
+"""The worker side, shared by every model runner: withdrawal inside the model's layer loop.
 
-Two hooks on vLLM's ``GPUModelRunner`` (the CPU runner inherits them):
+Once the model is loaded, if its config asks for withdrawal, the language model's decoder layers
+``>= K`` get a wrapper (an instance ``forward``; the classes are not touched, so another engine in
+the process stays stock). Per step, a runner-specific module (:mod:`vtw.vllm.runners.v1` for
+vLLM's V1 runner, :mod:`vtw.vllm.runners.mrv2` for Model Runner V2) tells :func:`make_step`, from
+host data the runner already holds, which scheduled tokens are text and how many text tokens
+each request had before this step; :func:`make_step` builds the deep layers' view of the step
+(the kept tokens, their text rank, the deep KV groups' attention metadata and slot mapping) and
+the layer wrapper does the rest: gather at layer K, the deep layers on the kept tokens with their
+own metadata, scatter back to the batch's ``[N, D]`` layout after the last layer.
 
-- ``load_model``: once the model is loaded, if its config asks for withdrawal, the language
-  model's decoder layers ``>= K`` get a wrapper (an instance ``forward``; the classes are not
-  touched, so another engine in the process stays stock).
-- ``_build_attention_metadata``: in a real step (not a dummy or capture run), after vLLM built its
-  own metadata, :func:`_make_step` computes on the host, from the runner's host buffers, which
-  scheduled tokens are text, each request's text count before this step and the deep layers'
-  attention metadata and slot mapping, and leaves them on the runner for the forward.
-
-Per-request text counts are not carried between steps: each step recounts them from the
-request's token history (``input_batch.token_ids_cpu`` over ``num_computed_tokens``), so
-preemption and recompute, reordering of the batch, aborted requests and chunked prefill (an image
-split across chunks, a chunk without any text) need no bookkeeping, and no block id is involved.
-Nothing here reads device data on the host: the indices are built from host buffers and copied
-to the device (CUDA graphs stay possible in principle; vtw runs eagerly, see _config).
+Nothing here reads device data on the host: the per-token indices are built on the host and
+copied to the device, the deep slots are gathered from the device block tables on the device.
 """
 
 from __future__ import annotations
@@ -42,20 +38,29 @@ class _Step:
     full_hidden: torch.Tensor | None = None
     full_residual: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    # the attention metadata dict of the step this view belongs to (MRv2: a forward with another
+    # dict, e.g. a dummy run that built none, runs stock); None: not checked (V1 clears the view)
+    owner: object = None
+    withdrawn: torch.Tensor | None = None  # [T] bool (device): kept tokens that leave with the early-exit value
 
 
 class _State:
-    def __init__(self, settings: _config.Settings, layers, start: int, end: int, names: dict):
+    def __init__(self, settings: _config.Settings, layers, start: int, end: int, names: dict, runner_name: str):
         self.settings = settings
         self.layers = layers
         self.start, self.end = start, end
         self.names = names  # layer index -> attention layer name
         self.visual = np.asarray(settings.token_ids, dtype=np.int64)
+        self.runner_name = runner_name
         self.step: _Step | None = None
         self.groups: list = []  # (kv_cache_gid, attn_group, [deep layer names]) once the KV cache is known
+        # the per-step figure: tokens the deep layers ran on in the last real step, and in total
+        self.last_deep_tokens: int | None = None
+        self.deep_tokens_total = 0
+        self.steps = 0
 
 
-def _language_layers(model):
+def language_layers(model):
     lm = model.get_language_model() if hasattr(model, "get_language_model") else model.language_model
     inner = getattr(lm, "model", lm)
     layers = getattr(inner, "layers", None)
@@ -74,15 +79,42 @@ def _attn_name(layer) -> str:
     return name
 
 
-def _uninstall_model(runner) -> None:
-    st = getattr(runner, "_vtw", None)
+def uninstall_model(model) -> None:
+    st = getattr(model, "_vtw_state", None)
     if st is not None:
         for i in st.names:
             lay = st.layers[i]
             fwd = lay.__dict__.get("forward")
             if isinstance(fwd, functools.partial) and fwd.func is _layer_forward:
                 del lay.forward
-    runner._vtw = None
+    model._vtw_state = None
+
+
+def install_model(model, s: _config.Settings, runner_name: str) -> _State | None:
+    """Wraps the deep decoder layers of `model` for the withdrawal `s` asks for (None when `s`
+    withdraws nothing). The state is kept on the model instance."""
+    model._vtw_state = None
+    if s is None or not s.active:
+        return None
+    layers, start, end = language_layers(model)
+    if len(layers) != s.num_layers:
+        raise RuntimeError(f"vtw.vllm: the config says {s.num_layers} decoder layers, the model has {len(layers)}")
+    names = {i: _attn_name(layers[i]) for i in range(max(start, s.layer), end)}
+    st = _State(s, layers, start, end, names, runner_name)
+    if s.kv == "text_only":
+        _text_only_specs(layers, range(max(start, s.layer), end), s.token_ids)
+    for i in range(max(start, s.layer), end):
+        lay = layers[i]
+        if "forward" in lay.__dict__:
+            raise RuntimeError(f"vtw.vllm: decoder layer {i} already has a patched forward")
+        lay.forward = functools.partial(_layer_forward, st, i, lay.forward)
+    model._vtw_state = st
+    return st
+
+
+def state_of(runner) -> _State | None:
+    model = getattr(runner, "model", None)
+    return getattr(model, "_vtw_state", None) if model is not None else None
 
 
 def set_layer(runner, layer: int) -> None:
@@ -100,33 +132,14 @@ def set_layer(runner, layer: int) -> None:
         raise ValueError(f"vtw.vllm.set_layer: layer must be in [0, {s.num_layers}], got {layer}")
     from dataclasses import replace
 
-    _uninstall_model(runner)
-    _install_model(runner, replace(s, layer=layer))
-
-
-def _install_model(runner, s: _config.Settings | None = None) -> None:
-    if s is None:
-        s = _config.settings(runner.model_config)
-    runner._vtw = None
-    if s is None or not s.active:
-        return
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-    layers, start, end = _language_layers(model)
-    if len(layers) != s.num_layers:
-        raise RuntimeError(f"vtw.vllm: the config says {s.num_layers} decoder layers, the model has {len(layers)}")
-    names = {i: _attn_name(layers[i]) for i in range(max(start, s.layer), end)}
-    st = _State(s, layers, start, end, names)
-    if s.kv == "text_only":
-        _text_only_specs(model, layers, range(max(start, s.layer), end), s.token_ids)
-    for i in range(max(start, s.layer), end):
-        lay = layers[i]
-        if "forward" in lay.__dict__:
-            raise RuntimeError(f"vtw.vllm: decoder layer {i} already has a patched forward")
-        lay.forward = functools.partial(_layer_forward, st, i, lay.forward)
-    runner._vtw = st
+    old = getattr(model, "_vtw_state", None)
+    name = old.runner_name if old is not None else type(runner).__name__
+    uninstall_model(model)
+    install_model(model, replace(s, layer=layer), name)  # K = L: no state, the layers run stock
 
 
-def _text_only_specs(model, layers, deep, token_ids) -> None:
+def _text_only_specs(layers, deep, token_ids) -> None:
     """The deep attention layers report a TextOnlyAttentionSpec (their own KV cache groups)."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
@@ -149,12 +162,13 @@ def _text_only_specs(model, layers, deep, token_ids) -> None:
         attn.get_kv_cache_spec = spec
 
 
-def _deep_groups(runner, st: _State):
+def deep_groups(st: _State, attn_groups):
+    """(KV cache group id, attention group, [its deep layer names]) of the deep layers."""
     if st.groups:
         return st.groups
     deep = set(st.names.values())
     out = []
-    for gid, row in enumerate(runner.attn_groups):
+    for gid, row in enumerate(attn_groups):
         for ag in row:
             mine = [n for n in ag.layer_names if n in deep]
             if not mine:
@@ -167,29 +181,33 @@ def _deep_groups(runner, st: _State):
     return out
 
 
-def _make_step(runner, st: _State, num_tokens: int, num_reqs: int) -> _Step:
-    """The deep layers' view of this step, from the runner's host buffers."""
+def make_step(st: _State, *, is_text: np.ndarray, n_sched: np.ndarray, text_before: np.ndarray,
+              is_prefilling: np.ndarray | None, attn_groups, block_table, build, device,
+              device_correction=None) -> _Step:
+    """The deep layers' view of this step.
+
+    is_text [num_tokens] (host): which scheduled tokens are text; n_sched [num_reqs]: tokens
+    scheduled per request, in batch order; text_before [num_reqs]: each request's text tokens
+    before this step; block_table(gid) -> the group's device block table, one row per request
+    in batch order; build(attn_group, CommonAttentionMetadata) -> the backend's metadata.
+
+    device_correction(keep, req_of_tok) -> (shift [num_reqs], withdrawn [T]), device tensors, for a
+    runner whose host data cannot tell every token (MRv2: tokens sampled on the device): `shift`
+    is subtracted from each request's host text count, `withdrawn` marks kept tokens that turn
+    out visual (they get no deep KV slot and leave with the early-exit value)."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
-    dev = runner.device
-    ids = runner.input_ids.np[:num_tokens] if hasattr(runner.input_ids, "np") else runner.input_ids.cpu[:num_tokens].numpy()
-    is_text = ~np.isin(ids, st.visual)
-    qsl = runner.query_start_loc.np[: num_reqs + 1].astype(np.int64)
-    n_sched = np.diff(qsl)
+    num_reqs = int(n_sched.shape[0])
     keep = np.flatnonzero(is_text)
     T = int(keep.size)
+    st.last_deep_tokens = T
+    st.deep_tokens_total += T
+    st.steps += 1
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("vtw.vllm: step %d, deep layers (>= %d) run on %d of %d scheduled tokens",
+                     st.steps, st.settings.layer, T, int(is_text.shape[0]))
     if T == 0:
         return _Step(keep=None, num_text=0)
-    # text tokens of each request before this step, recounted from its token history
-    batch = runner.input_batch
-    nc = batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
-    width = int(nc.max()) if num_reqs else 0
-    if width:
-        hist = batch.token_ids_cpu[:num_reqs, :width]
-        past = np.arange(width)[None, :] < nc[:, None]
-        text_before = (past & ~np.isin(hist, st.visual)).sum(1)
-    else:
-        text_before = np.zeros(num_reqs, dtype=np.int64)
     req_of_tok = np.repeat(np.arange(num_reqs), n_sched)[keep]
     n_text = np.bincount(req_of_tok, minlength=num_reqs)
     first = np.concatenate([[0], np.cumsum(n_text)[:-1]])  # index in `keep` of each request's first text token
@@ -201,24 +219,32 @@ def _make_step(runner, st: _State, num_tokens: int, num_reqs: int) -> _Step:
     dseq = (text_before + n_text)[sel].astype(np.int32)
     dqsl_cpu = torch.from_numpy(dqsl)
     dseq_cpu = torch.from_numpy(dseq)
-    sel_t = torch.from_numpy(sel).to(dev)
-    step = _Step(keep=torch.from_numpy(keep).to(dev), num_text=T)
-    is_prefilling = torch.from_numpy((nc + n_sched)[sel] < batch.num_prompt_tokens_cpu[:num_reqs][sel]) \
-        if hasattr(batch, "num_prompt_tokens_cpu") else None
-    for gid, ag, names in _deep_groups(runner, st):
-        table = batch.block_table[gid]
-        bs = table.block_size
-        bt_np = table.get_numpy_array()[:num_reqs]
-        slots_np = bt_np[req_of_tok, rank // bs].astype(np.int64) * bs + rank % bs
-        slots = torch.from_numpy(slots_np).to(dev)
-        bt = table.get_device_tensor(num_reqs)[sel_t]
+    sel_t = torch.from_numpy(sel).to(device)
+    req_t = torch.from_numpy(req_of_tok.astype(np.int64)).to(device)
+    rank_t = torch.from_numpy(rank.astype(np.int64)).to(device)
+    step = _Step(keep=torch.from_numpy(keep).to(device), num_text=T)
+    dseq_t = dseq_cpu.to(device)
+    withdrawn = None
+    if device_correction is not None:
+        shift, withdrawn = device_correction(keep, req_of_tok)
+        rank_t = rank_t - shift[req_t]
+        dseq_t = dseq_t - shift[sel_t].to(dseq_t.dtype)
+        step.withdrawn = withdrawn
+    prefilling = torch.from_numpy(np.ascontiguousarray(is_prefilling[sel])) if is_prefilling is not None else None
+    for gid, ag, names in deep_groups(st, attn_groups):
+        bt_all = block_table(gid)
+        bs = ag.kv_cache_spec.block_size
+        # slot of text rank r: block_table[req, r // bs] * bs + r % bs, gathered on the device
+        slots = bt_all[req_t, rank_t // bs].to(torch.int64) * bs + rank_t % bs
+        if withdrawn is not None:  # no KV slot for a token withdrawn after all (-1: vLLM's padding slot)
+            slots = torch.where(withdrawn, torch.full_like(slots, -1), slots)
         cm = CommonAttentionMetadata(
-            query_start_loc=dqsl_cpu.to(dev), query_start_loc_cpu=dqsl_cpu,
-            seq_lens=dseq_cpu.to(dev), seq_lens_cpu_upper_bound=dseq_cpu,
+            query_start_loc=dqsl_cpu.to(device), query_start_loc_cpu=dqsl_cpu,
+            seq_lens=dseq_t, seq_lens_cpu_upper_bound=dseq_cpu,
             num_reqs=R, num_actual_tokens=T, max_query_len=int(n_text[sel].max()),
-            max_seq_len=int(dseq.max()), block_table_tensor=bt, slot_mapping=slots, causal=True,
-            is_prefilling=is_prefilling)
-        md = ag.build_metadata(cm)
+            max_seq_len=int(dseq.max()), block_table_tensor=bt_all[sel_t], slot_mapping=slots, causal=True,
+            is_prefilling=prefilling)
+        md = build(ag, cm)
         for n in names:
             step.metadata[n] = md
             step.slots[n] = slots
@@ -232,6 +258,12 @@ def _layer_forward(st: _State, idx: int, orig, positions, hidden_states, residua
     K = max(st.settings.layer, st.start)
     last = st.end - 1
     if idx == K:
+        if step.owner is not None:
+            from vllm.forward_context import get_forward_context
+
+            if get_forward_context().attn_metadata is not step.owner:
+                st.step = None
+                return orig(positions, hidden_states, residual, *args, **kwargs)
         step.full_hidden, step.full_residual = hidden_states, residual
         if step.num_text:
             keep = step.keep
@@ -255,64 +287,12 @@ def _layer_forward(st: _State, idx: int, orig, positions, hidden_states, residua
         full_r = torch.zeros_like(full_h)
     if not step.num_text:
         return full_h, full_r
-    out_h = full_h.index_copy(0, step.keep, hidden_states.to(full_h.dtype))
-    out_r = full_r.index_copy(0, step.keep, residual.to(full_r.dtype))
+    hidden_states, residual = hidden_states.to(full_h.dtype), residual.to(full_r.dtype)
+    if step.withdrawn is not None:
+        w = step.withdrawn[:, None]
+        hidden_states = torch.where(w, full_h.index_select(0, step.keep), hidden_states)
+        residual = torch.where(w, full_r.index_select(0, step.keep), residual)
+    out_h = full_h.index_copy(0, step.keep, hidden_states)
+    out_r = full_r.index_copy(0, step.keep, residual)
     step.full_hidden = step.full_residual = None
     return out_h, out_r
-
-
-_installed = False
-
-
-def install() -> None:
-    global _installed
-    if _installed:
-        return
-    _installed = True
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    classes = [GPUModelRunner]
-    try:  # the CPU runner overrides load_model
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-
-        classes.append(CPUModelRunner)
-    except Exception:
-        pass
-    for cls in classes:
-        if "load_model" in cls.__dict__:
-            cls.load_model = _wrap_load(cls.__dict__["load_model"])
-    orig_build = GPUModelRunner._build_attention_metadata
-    orig_execute = GPUModelRunner.execute_model
-
-    @functools.wraps(orig_build)
-    def _build_attention_metadata(self, *args, **kwargs):
-        out = orig_build(self, *args, **kwargs)
-        st = getattr(self, "_vtw", None)
-        if st is not None:
-            st.step = None
-            if (kwargs.get("num_scheduled_tokens") is not None and not kwargs.get("for_cudagraph_capture")
-                    and kwargs.get("ubatch_slices") is None and not args):
-                st.step = _make_step(self, st, kwargs["num_tokens"], kwargs["num_reqs"])
-        return out
-
-    @functools.wraps(orig_execute)
-    def execute_model(self, *args, **kwargs):
-        try:
-            return orig_execute(self, *args, **kwargs)
-        finally:
-            st = getattr(self, "_vtw", None)
-            if st is not None:
-                st.step = None
-
-    GPUModelRunner._build_attention_metadata = _build_attention_metadata
-    GPUModelRunner.execute_model = execute_model
-
-
-def _wrap_load(orig):
-    @functools.wraps(orig)
-    def load_model(self, *args, **kwargs):
-        out = orig(self, *args, **kwargs)
-        _install_model(self)
-        return out
-
-    return load_model
