@@ -30,17 +30,18 @@ def test_every_vllm_symbol_vtw_uses_has_the_expected_shape():
 
 
 def test_the_table_catches_a_changed_signature(monkeypatch):
-    """The check is not vacuous: a renamed parameter and a missing method are reported."""
+    """The check is not vacuous: a renamed parameter and a missing function are reported."""
+    import vllm.v1.worker.gpu.model_runner as mrv2_module
     from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
     def prepare_attn(self, batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, kv_cache_config):
         return {}
 
     monkeypatch.setattr(DefaultModelState, "prepare_attn", prepare_attn)
-    monkeypatch.delattr(DefaultModelState, "remove_request")
+    monkeypatch.delattr(mrv2_module, "init_model_state")
     got = compat.problems()
     assert any("DefaultModelState.prepare_attn: parameters" in p for p in got), got
-    assert any("remove_request" in p for p in got), got
+    assert any("model_runner.init_model_state: missing" in p for p in got), got
 
 
 def test_plugin_registers_every_hook():
