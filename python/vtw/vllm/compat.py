@@ -73,6 +73,14 @@ API: tuple = (
      ("block_hashes", "max_length", "kv_cache_group_ids", "block_pool", "kv_cache_spec"), ALL),
     ("vllm.v1.core.sched.scheduler", "Scheduler.add_request", ("self", "request"), ALL),
     ("vllm.v1.core.sched.scheduler", "Scheduler._free_blocks", ("self", "request"), ALL),
+    # prefix-cache hits capped at the first visual token, start-up capacity log (_prefix, _text_only)
+    ("vllm.v1.core.sched.scheduler", "Scheduler.__init__", ("self", "vllm_config", "kv_cache_config"), ALL),
+    ("vllm.v1.core.kv_cache_manager", "KVCacheManager.get_computed_blocks", ("self", "request"), ALL),
+    ("vllm.v1.core.kv_cache_coordinator", "HybridKVCacheCoordinator.find_longest_cache_hit",
+     ("self", "block_hashes", "max_cache_hit_length"), ALL),
+    ("vllm.v1.core.kv_cache_coordinator", "UnitaryKVCacheCoordinator.find_longest_cache_hit",
+     ("self", "block_hashes", "max_cache_hit_length"), ALL),
+    ("vllm.multimodal.encoder_budget", "MultiModalBudget", None, ALL),
 )
 
 
