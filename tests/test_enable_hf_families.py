@@ -82,6 +82,8 @@ def _masked_forward(case: Case, K: int, ids: list[int], mm: dict, extra_mask=Non
             inputs.update(case.extra(ids_t, torch.ones_like(ids_t)))
         if n_prompt is not None and "token_type_ids" in inputs and case.name == "paligemma":
             inputs["token_type_ids"] = (torch.arange(n) >= n_prompt).long()[None]
+        if n_prompt is not None and case.name == "ernie4_5_vl_moe":  # generated tokens: text experts
+            inputs["moe_mm_token_type_ids"][:, n_prompt:] = 0
         with torch.set_grad_enabled(grad):
             out = model(**inputs, **kw, use_cache=False)
     finally:
@@ -668,3 +670,47 @@ def test_phi4_multimodal_image_tokens_are_withdrawn(attn):
             vtw.disable(model)
         assert_generate_matches(c, K, out, inputs, refs)
     assert max((a - b).abs().max() for a, b in zip(_refs(c, 4)[0][1], _refs(c, 0)[0][1])) > 1e-3
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_ernie_vl_routing_types_are_gathered(attn):
+    # ERNIE-4.5-VL-MoE: every layer routes each token to its text or vision experts by
+    # moe_mm_token_type_ids ([B, S]); vtw gathers it with the hidden states. Here a text token (7)
+    # is also typed 1 (vision experts), so the deep layers only match the reference if the types
+    # travel with the kept tokens. Without the vision tower (image-token positions carry their
+    # token embeddings).
+    from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, vocab_size=64, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                moe_num_experts=2, moe_k=1, moe_intermediate_size=[32, 32], initializer_range=0.2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2)
+    torch.manual_seed(0)
+    model = _finish(Ernie4_5_VLMoeForConditionalGeneration(Ernie4_5_VLMoeConfig(
+        vision_config=vision, text_config=text, image_token_id=63, video_token_id=62)), attn)
+    I = [63] * 6
+    samples = [Sample([1, 5, 6] + I + [7, 8, 9]), Sample([1, 3] + I + [4, 7, 5] + I + [6]),
+               Sample([1, 10, 11, 7]), Sample([1] + I + [13, 14, 7, 16, 17, 18, 19, 20])]
+
+    def extra(ids, am):
+        return {"moe_mm_token_type_ids": ((ids == 63) | (ids == 7)).int()}
+
+    c = Case("ernie4_5_vl_moe", model, (62, 63), 0, samples, _cat_mm, extra=extra)
+    c.refs = {}
+    assert vtw.models.resolve(model).family == "ernie4_5_vl_moe"
+    inputs = batch_inputs(c)
+    for K in (0, 2, 4):
+        refs = _refs(c, K)
+        vtw.enable(model, K)
+        try:
+            with torch.no_grad():
+                out = model.generate(**inputs, **gen_kwargs(c, STEPS))
+        finally:
+            vtw.disable(model)
+        assert_generate_matches(c, K, out, inputs, refs)
+    # the types matter in the deep layers: typing token 7 as text changes the reference
+    s0 = samples[0]
+    typed = _masked_forward(c, 0, s0.ids, {})[-1]
+    c.extra = lambda ids, am: {"moe_mm_token_type_ids": (ids == 63).int()}
+    assert (typed - _masked_forward(c, 0, s0.ids, {})[-1]).abs().max() > 1e-3

@@ -43,16 +43,6 @@ def _llama4():
         text_config=_text(intermediate_size_mlp=64, num_local_experts=2)))
 
 
-def _ernie():
-    from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration
-
-    return Ernie4_5_VLMoeForConditionalGeneration(Ernie4_5_VLMoeConfig(
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2,
-                           spatial_merge_size=2),
-        text_config=_text(moe_num_experts=2, moe_k=1, moe_intermediate_size=[32, 32],
-                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})))
-
-
 def _gemma3():
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
@@ -64,8 +54,7 @@ def _gemma3():
 @pytest.mark.parametrize("build, cls, reason", [
     (_mllama, "MllamaForConditionalGeneration", "cross-attention"),
     (_llama4, "Llama4ForConditionalGeneration", "chunked-attention"),
-    (_ernie, "Ernie4_5_VLMoeForConditionalGeneration", "moe_mm_token_type_ids"),
-], ids=["mllama", "llama4", "ernie4_5_vl_moe"])
+], ids=["mllama", "llama4"])
 def test_family_is_refused_with_its_reason(build, cls, reason):
     torch.manual_seed(0)
     model = build()

@@ -175,7 +175,11 @@ def _state_of(model: nn.Module):
 _LAYER_PARAMS = frozenset({
     "self", "hidden_states", "attention_mask", "position_ids", "position_embeddings", "cache", "past_key_values",
     "past_key_value", "use_cache", "cache_position", "output_attentions", "output_router_logits", "kwargs", "args",
-})
+}) | {"moe_mm_token_type_ids"}
+
+#: Per-token ([B, S]) decoder-layer arguments that vtw gathers to the withdrawn layout with the
+#: hidden states (ERNIE-4.5-VL routes every token to its text or vision experts by its type).
+_GATHER_KW = ("moe_mm_token_type_ids",)
 
 _LAYER_TYPE_REASONS = {
     "sliding_attention": "sliding-window layers from K on are handled in mode='withdraw' only",
@@ -511,6 +515,7 @@ class _Deep:
     pe_other: list = field(default_factory=list)  # [(source, gathered)] for other layer types' rotary
     last: object = None  # the previous deep layer's output (what the next one must receive)
     sliding_mask: object = None  # the sliding-window deep layers' mask (window over original positions)
+    per_token: dict = field(default_factory=dict)  # _GATHER_KW arguments in the withdrawn layout
 
     def rotary(self, pe):
         """The deep layers' rotary (cos, sin) for `pe`, the one this layer received: the gathered
@@ -557,7 +562,7 @@ def _layer_forward(state: _State, idx: int, layer, hidden_states, *args, **kwarg
     if idx == K:
         B, S = hidden_states.shape[:2]
         for k, v in kwargs.items():
-            if k not in _HANDLED_KW and isinstance(v, torch.Tensor) and v.ndim >= 2 and S > 1 \
+            if k not in _HANDLED_KW and k not in _GATHER_KW and isinstance(v, torch.Tensor) and v.ndim >= 2 and S > 1 \
                     and tuple(v.shape[:2]) == (B, S):
                 raise NotImplementedError(
                     f"vtw: decoder layer {idx} of {type(state.wiring.text_model).__name__} received {k!r}, a "
@@ -584,6 +589,9 @@ def _layer_forward(state: _State, idx: int, layer, hidden_states, *args, **kwarg
         kwargs["position_embeddings"] = deep.rotary(kwargs["position_embeddings"])
     if "position_ids" in kwargs:
         kwargs["position_ids"] = deep.position_ids
+    for k in _GATHER_KW:
+        if k in kwargs:
+            kwargs[k] = deep.per_token.get(k, kwargs[k])
     out = orig(layer, hidden_states, **kwargs)
     deep.last = out
     if idx == state.num_layers - 1:
@@ -659,6 +667,7 @@ def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep, explicit
     pe_source = pe = kwargs.get("position_embeddings")
     pos = kwargs.get("position_ids")
     gidx = packed = None
+    per_token = {}
     if S > 1 or out.shape[1] != 1:
         gidx = keep_index.clamp(min=0)
         if pe is not None:
@@ -675,6 +684,10 @@ def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep, explicit
                 pos = torch.stack([_gather_seq(p, gidx) for p in pos.unbind(0)])
         if block is not None:  # padding slots join no block
             block = torch.where(valid, _gather_seq(block, gidx), -1)
+        for k in _GATHER_KW:
+            v = kwargs.get(k)
+            if isinstance(v, torch.Tensor) and v.ndim == 2:
+                per_token[k] = _gather_seq(v, gidx)
     # else: one token in one slot per row (a decode step): the slot keeps the token's position,
     # so the rotary embeddings and position ids are used as they are (no gather, no copy).
     slot_pos = None
@@ -694,7 +707,7 @@ def _begin(state: _State, hidden, kwargs, explicit_mask, explicit_keep, explicit
                                     window=(all_pos, state.config.sliding_window))
     return _Deep(hidden=out, full=hidden, keep_index=keep_index, valid=valid, mask=mask,
                  position_embeddings=pe, position_ids=pos, cache=cache, pe_source=pe_source, gather_index=gidx,
-                 sliding_mask=sliding)
+                 sliding_mask=sliding, per_token=per_token)
 
 
 def _deep_causal_mask(state: _State, inputs_embeds, padding, cache, dense: bool = False, packed=None, block=None,

@@ -102,6 +102,9 @@ FAMILIES: list[Family] = [
     Family("mistral3", ("Mistral3Model",), notes="[IMG_BREAK] and [IMG_END] stay as text"),
     Family("glm4v", ("Glm4vModel",), notes="3-D M-RoPE, as Qwen2-VL"),
     Family("kimi_k25", ("Kimi_K25Model",), notes="MLA attention, MoE"),
+    Family("ernie4_5_vl_moe", ("Ernie4_5_VLMoeModel",),
+           notes="3-D M-RoPE; its layers route every token to text or vision experts by moe_mm_token_type_ids, "
+                 "which vtw gathers with the hidden states"),
     Family("paligemma", ("PaliGemmaModel",), prefix_blocks=True,
            notes="prefix (image and prompt) bidirectional: the deep layers' mask keeps it over the kept prefix tokens"),
 ]
@@ -116,9 +119,6 @@ REFUSED: dict[str, str] = {
                    "and sits two attributes deep (language_model.model.layers); withdrawal of chunked "
                    "layers is not defined",
     "Llama4ForConditionalGeneration": "see Llama4Model",
-    "Ernie4_5_VLMoeModel": "its decoder layers route every token (text or vision experts) by a [B, S] "
-                           "argument, moe_mm_token_type_ids, which vtw does not gather",
-    "Ernie4_5_VLMoeForConditionalGeneration": "see Ernie4_5_VLMoeModel",
 }
 
 
