@@ -57,7 +57,7 @@ layers, which remove them.
 
 Never silently wrong: `enable` refuses (one error naming the model class and the reason) the
 families of ``vtw.models.REFUSED`` and, from layer K on, cross-attention layers, layer types other
-than full attention, decoder-layer parameters vtw does not handle, bidirectional or chunked text
+than full and sliding attention, decoder-layer parameters vtw does not handle, bidirectional or chunked text
 decoders, and (on transformers that replay the whole layer call) gradient checkpointing. At run
 time, with Python checks only (no host synchronisation): a per-token ``[B, S, ...]`` tensor
 reaching the deep layers through their keywords, and code between deep layers that replaces the
@@ -74,9 +74,9 @@ their cache layers are replaced by full ones on first use (a sliding cache evict
 which in the withdrawn layout could drop tokens inside the window).
 
 Not supported: a 4-D ``attention_mask`` given by the caller (vtw needs the 2-D padding mask),
-sliding-window layers from ``layer`` on with a static cache or in compact mode, ``inputs_embeds`` without ``input_ids`` unless
-``visual_mask=`` is given, cropping a cache (assisted decoding) across tokens that were
-withdrawn. FlashAttention-2 is untested (not installed here).
+sliding-window layers from ``layer`` on with a static cache or in compact mode, ``inputs_embeds``
+without ``input_ids`` unless ``visual_mask=`` is given, cropping a cache (assisted decoding)
+across tokens that were withdrawn. FlashAttention-2 is untested (not installed here).
 """
 
 from __future__ import annotations
@@ -172,14 +172,15 @@ def _state_of(model: nn.Module):
 
 #: Decoder-layer parameters vtw handles (gathers, rebuilds, passes through unchanged as they
 #: carry no per-token data). Any other named parameter of a layer >= K is refused.
-_LAYER_PARAMS = frozenset({
-    "self", "hidden_states", "attention_mask", "position_ids", "position_embeddings", "cache", "past_key_values",
-    "past_key_value", "use_cache", "cache_position", "output_attentions", "output_router_logits", "kwargs", "args",
-}) | {"moe_mm_token_type_ids"}
-
 #: Per-token ([B, S]) decoder-layer arguments that vtw gathers to the withdrawn layout with the
 #: hidden states (ERNIE-4.5-VL routes every token to its text or vision experts by its type).
 _GATHER_KW = ("moe_mm_token_type_ids",)
+
+_LAYER_PARAMS = frozenset({
+    "self", "hidden_states", "attention_mask", "position_ids", "position_embeddings", "cache", "past_key_values",
+    "past_key_value", "use_cache", "cache_position", "output_attentions", "output_router_logits", "kwargs", "args",
+    *_GATHER_KW,
+})
 
 _LAYER_TYPE_REASONS = {
     "sliding_attention": "sliding-window layers from K on are handled in mode='withdraw' only",
@@ -196,6 +197,11 @@ def _check_supported(model, wiring: _models.Wiring, layer: int, mode: str = "wit
     text = wiring.text_model
     tcfg = text.config
     layer_types = getattr(tcfg, "layer_types", None)
+    sliding_ok = mode == "withdraw" and isinstance(getattr(tcfg, "sliding_window", None), int)
+
+    def handled(t):
+        return t == "full_attention" or (t == "sliding_attention" and sliding_ok)
+
     for i in range(layer, len(wiring.layers)):
         lay = wiring.layers[i]
         cls = type(lay).__name__
@@ -203,12 +209,10 @@ def _check_supported(model, wiring: _models.Wiring, layer: int, mode: str = "wit
             raise NotImplementedError(f"vtw.enable: {name} is not supported: decoder layer {i} ({cls}) is a "
                                       "cross-attention layer; vision that enters through cross-attention has no "
                                       "tokens to withdraw")
-        if layer_types is not None and layer_types[i] == "sliding_attention" and mode == "withdraw" and \
-                isinstance(getattr(tcfg, "sliding_window", None), int):
-            pass  # the window counts original positions in the deep layers (_deep_sliding_mask)
-        elif layer_types is not None and layer_types[i] != "full_attention":
-            reason = _LAYER_TYPE_REASONS.get(layer_types[i], "vtw handles full-attention layers only")
-            first_ok = max(j for j, t in enumerate(layer_types) if t != "full_attention") + 1
+        # (sliding-window layers: their window counts original positions, _deep_causal_mask(window=))
+        if layer_types is not None and not handled(layer_types[i]):
+            reason = _LAYER_TYPE_REASONS.get(layer_types[i], "vtw handles full- and sliding-attention layers only")
+            first_ok = max(j for j, t in enumerate(layer_types) if not handled(t)) + 1
             raise NotImplementedError(
                 f"vtw.enable: {name} is not supported at layer={layer}: decoder layer {i} of {type(text).__name__} "
                 f"is {layer_types[i]!r} ({reason}); layer must be >= {first_ok}, after the last such layer")
