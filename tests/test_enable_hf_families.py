@@ -484,6 +484,42 @@ def _kimi_case(attn: str, seed: int = 0, layers: int = 4) -> Case:
     return Case("kimi_k25", model, (62, 63), 0, samples, _cat_mm)
 
 
+def _aya_vision_case(attn: str, seed: int = 0) -> Case:
+    """Aya Vision (SigLIP, Cohere2 text: sliding-window layers with rotary, full-attention layers
+    without): 8x8 images, patch 2, pixel shuffle 2 -> 4 image tokens (63) between 58 and 59."""
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration
+
+    enable_vtw_attention_if_present(attn)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=8, patch_size=2)
+    text = dict(model_type="cohere2", hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=256, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2, initializer_range=0.2, sliding_window=4,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+    cfg = AyaVisionConfig(vision_config=vision, text_config=text, image_token_index=63, downsample_factor=2)
+    torch.manual_seed(seed)
+    model = _finish(AyaVisionForConditionalGeneration(cfg), attn)
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def sample(parts):
+        ids, pvs = [], []
+        for p in parts:
+            if p == "img":
+                pvs.append(torch.randn(3, 8, 8, generator=g))
+                ids += [58] + [63] * 4 + [59]
+            else:
+                ids += p
+        return Sample(ids, {"pixel_values": torch.stack(pvs)} if pvs else {})
+
+    samples = [
+        sample([[1, 5, 6], "img", [7, 8, 9]]),
+        sample([[1, 3], "img", [4, 5], "img", [6]]),
+        sample([[1, 10, 11, 12]]),
+        sample([[1], "img", [13, 14, 15, 16, 17, 18, 19, 20]]),
+    ]
+    return Case("aya_vision", model, (63,), 0, samples, _cat_mm)
+
+
 BUILDERS = {
     "qwen3_vl": lambda attn: _qwen3_case("qwen3_vl", attn),
     "qwen3_vl_moe": lambda attn: _qwen3_case("qwen3_vl_moe", attn),
@@ -494,6 +530,7 @@ BUILDERS = {
     "glm4v": _glm4v_case,
     "paligemma": _paligemma_case,
     "kimi_k25": _kimi_case,
+    "aya_vision": _aya_vision_case,
 }
 
 
@@ -548,9 +585,14 @@ def test_greedy_generate_matches_reference(case, K):
 def test_static_cache_generate_matches_reference(case):
     inputs = batch_inputs(case)
     refs = _refs(case, 1)
+    types = getattr(case.text.config, "layer_types", None) or []
     vtw.enable(case.model, 1)
     try:
         with torch.no_grad():
+            if "sliding_attention" in types[1:]:  # a static sliding cache evicts by slot: refused
+                with pytest.raises(NotImplementedError, match="sliding-window layer with a StaticSlidingWindowLayer"):
+                    case.model.generate(**inputs, **gen_kwargs(case, STEPS, cache_implementation="static"))
+                return
             out = case.model.generate(**inputs, **gen_kwargs(case, STEPS, cache_implementation="static"))
     finally:
         vtw.disable(case.model)

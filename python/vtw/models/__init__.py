@@ -102,6 +102,8 @@ FAMILIES: list[Family] = [
     Family("mistral3", ("Mistral3Model",), notes="[IMG_BREAK] and [IMG_END] stay as text"),
     Family("glm4v", ("Glm4vModel",), notes="3-D M-RoPE, as Qwen2-VL"),
     Family("kimi_k25", ("Kimi_K25Model",), notes="MLA attention, MoE"),
+    Family("aya_vision", ("AyaVisionModel",),
+           notes="Cohere2 text: sliding-window layers (rotary) and full-attention layers (no rotary)"),
     Family("ernie4_5_vl_moe", ("Ernie4_5_VLMoeModel",),
            notes="3-D M-RoPE; its layers route every token to text or vision experts by moe_mm_token_type_ids, "
                  "which vtw gathers with the hidden states"),
