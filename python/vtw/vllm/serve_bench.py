@@ -56,7 +56,7 @@ def _start(folder, port, extra, log):
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--served-model-name", "m",
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "1024",
            "--kv-cache-memory-bytes", str(1 << 30), "--block-size", "32", *extra]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     t0 = time.monotonic()
@@ -146,8 +146,8 @@ def _run(args, folder):
     question = " ".join(words[i % 5] for i in range(57))
     engines = [("stock (defaults)", []), ("stock (eager)", ["--enforce-eager"]),
                (f"vtw text_only K={args.layer}", ["--hf-overrides", json.dumps({"vtw_layer": args.layer})])]
-    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_average": os.getloadavg(), "layers": p.layers, "hidden": p.hidden, "K": args.layer,
-           "requests": args.requests, "new": args.new, "rounds": args.rounds, "engines": {}}
+    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_average": os.getloadavg(), "layers": p.layers,
+           "hidden": p.hidden, "K": args.layer, "requests": args.requests, "new": args.new, "rounds": args.rounds, "engines": {}}
     for name, extra in engines:
         port = _free_port()
         with open(os.path.join(folder, f"server-{port}.log"), "w") as log:
