@@ -756,3 +756,48 @@ def test_ernie_vl_routing_types_are_gathered(attn):
     typed = _masked_forward(c, 0, s0.ids, {})[-1]
     c.extra = lambda ids, am: {"moe_mm_token_type_ids": (ids == 63).int()}
     assert (typed - _masked_forward(c, 0, s0.ids, {})[-1]).abs().max() > 1e-3
+
+
+def _qwen3_5_case(attn: str, seed: int = 0) -> Case:
+    """Qwen3.5 (layers linear attention, full, linear attention, full; M-RoPE as Qwen3-VL)."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    enable_vtw_attention_if_present(attn)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=2,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=16, vocab_size=64, max_position_embeddings=512, initializer_range=0.2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True, "partial_rotary_factor": 1.0},
+                linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                linear_num_value_heads=2, layer_types=["linear_attention", "full_attention"] * 2,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = Qwen3_5Config(vision_config=vision, text_config=text, image_token_id=62, video_token_id=63,
+                        vision_start_token_id=60, vision_end_token_id=61)
+    torch.manual_seed(seed)
+    model = _finish(Qwen3_5ForConditionalGeneration(cfg), attn)
+    c = _qwen3_case("qwen3_vl", attn)  # the same prompts and pictures (patch 2x2 x 2 frames, merged 2x2)
+    return Case("qwen3_5", model, (62, 63), 0, c.samples, _cat_mm, extra=c.extra, mrope=True)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_qwen3_5_after_its_last_linear_attention_layer_matches_reference(attn):
+    # Qwen3.5's linear-attention (recurrent) layers have no per-token keys: refused from K on, so
+    # K >= 3 here (after the last one); exact there.
+    c = _qwen3_5_case(attn)
+    c.refs = {}
+    assert vtw.models.resolve(c.model).family == "qwen3_5"
+    for K in (0, 1, 2):
+        with pytest.raises(NotImplementedError, match=r"is 'linear_attention' .*layer must be >= 3"):
+            vtw.enable(c.model, K)
+    inputs = batch_inputs(c)
+    for K in (3, 4):
+        refs = _refs(c, K)
+        vtw.enable(c.model, K)
+        try:
+            with torch.no_grad():
+                out = c.model.generate(**inputs, **gen_kwargs(c, STEPS))
+        finally:
+            vtw.disable(c.model)
+        assert_generate_matches(c, K, out, inputs, refs)
+    assert max((a - b).abs().max() for a, b in zip(_refs(c, 4)[0][1], _refs(c, 3)[0][1])) > 1e-3

@@ -92,6 +92,8 @@ FAMILIES: list[Family] = [
            notes="M-RoPE as Qwen2-VL; DeepStack adds vision features to the visual positions after its "
                  "first layers: vtw skips that from layer K on, where no text token attends to them"),
     Family("qwen3_vl_moe", ("Qwen3VLMoeModel",), notes="as Qwen3-VL"),
+    Family("qwen3_5", ("Qwen3_5Model",),
+           notes="linear-attention layers: only K after the last one (refused below, by layer type)"),
     Family("idefics3", ("Idefics3Model",), language_model_attr="text_model",
            notes="decoder under .text_model; <fake_token_around_image> and <global-img> stay as text"),
     Family("smolvlm", ("SmolVLMModel",), language_model_attr="text_model", notes="as Idefics3"),
