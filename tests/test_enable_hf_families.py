@@ -801,3 +801,48 @@ def test_qwen3_5_after_its_last_linear_attention_layer_matches_reference(attn):
             vtw.disable(c.model)
         assert_generate_matches(c, K, out, inputs, refs)
     assert max((a - b).abs().max() for a, b in zip(_refs(c, 4)[0][1], _refs(c, 3)[0][1])) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gemma3", "paligemma", "packed"])
+def test_no_sync_inside_the_layers_for_the_new_masks(family):
+    # The sliding window over original positions, PaliGemma's gathered prefix and the packed
+    # sequence boundaries are built on the device: no op that reads tensor data back to the host
+    # runs from layer K's call to the last layer's return (test_enable_sync.py's recorder), in a
+    # prefill and in decode steps.
+    from test_enable_support import llava_case
+    from test_enable_sync import _Recorder, _span_hooks
+
+    K = 1
+    if family == "gemma3":
+        c = _gemma3_case("sdpa")
+    elif family == "paligemma":
+        c = _paligemma_case("sdpa")
+    else:
+        c = llava_case("sdpa")
+    rec, seen = _Recorder(), []
+
+    def enter():
+        rec.inside = True
+        seen.append(1)
+
+    def leave():
+        rec.inside = False
+
+    layers = c.text.layers
+    hooks = _span_hooks(layers[K:], enter, leave)
+    vtw.enable(c.model, K)
+    try:
+        with rec, torch.no_grad():
+            if family == "packed":
+                a, b = c.samples[0], c.samples[1]
+                pos = torch.cat([torch.arange(len(a.ids)), torch.arange(len(b.ids))])[None]
+                c.model(input_ids=torch.tensor([a.ids + b.ids]), position_ids=pos, use_cache=False,
+                        pixel_values=torch.cat([a.mm["pixel_values"], b.mm["pixel_values"]]))
+            else:
+                c.model.generate(**batch_inputs(c), **gen_kwargs(c, 3))
+    finally:
+        vtw.disable(c.model)
+        for h in hooks:
+            h.remove()
+    assert len(seen) == (1 if family == "packed" else 3)
+    assert rec.found == [], f"syncing ops inside the decoder layers: {sorted(set(rec.found))}"
