@@ -83,11 +83,14 @@ def test_static_cache_compiled_does_not_recompile_per_step(case):
     finally:
         vtw.disable(case.model)
     # The prefill and the first decode steps compile (shapes become dynamic after a change); from
-    # then on no decode step may compile again: so it is for the unmodified model, at K = L and K < L.
-    for K in (None, L, 2):
+    # then on a decode step compiles again only when the unmodified model's does (here: never, on
+    # the torch versions of this project), at K = L and K < L.
+    stock, _ = _compile_counts(case, None, 6)
+    growth = [n - stock[2] for n in stock[2:]]
+    for K in (L, 2):
         counts, out = _compile_counts(case, K, 6)
         assert len(counts) == 6
-        assert counts[3:] == [counts[2]] * 3, f"K={K}: compiled graphs after each forward: {counts}"
+        assert [n - counts[2] for n in counts[2:]] == growth, f"K={K}: graphs after each forward {counts}, stock {stock}"
     # and the compiled generation is still exact
     inputs = batch_inputs(case)
     refs = [(t[:STEPS], lg[:STEPS]) for t, lg in _refs(case, 2)]
