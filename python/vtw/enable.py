@@ -70,11 +70,11 @@ L`` nothing is installed.
 
 Sliding-window layers from ``layer`` on (Gemma 3): their window counts original positions (the
 deep slots' positions are recorded on the cache, ``_Book.pos``, and and-ed into their own mask);
-their cache layers are replaced by full ones on first use (a sliding cache evicts by slot count,
-which in the withdrawn layout could drop tokens inside the window).
+their cache layers are replaced by full ones, dynamic or static, on first use (a sliding cache
+evicts by slot count, which in the withdrawn layout could drop tokens inside the window).
 
 Not supported: a 4-D ``attention_mask`` given by the caller (vtw needs the 2-D padding mask),
-sliding-window layers from ``layer`` on with a static cache or in compact mode, ``inputs_embeds``
+sliding-window layers from ``layer`` on in compact mode, ``inputs_embeds``
 without ``input_ids`` unless ``visual_mask=`` is given, cropping a cache (assisted decoding)
 across tokens that were withdrawn. FlashAttention-2 is untested (not installed here).
 """
@@ -838,6 +838,10 @@ def _deep_padding(state: _State, cache, valid: torch.Tensor, S: int, dense: bool
         slots = torch.arange(n, device=valid.device) + past
         book.mask.index_copy_(1, slots, valid)
         deep = book.mask
+        if pos is not None:
+            if book.pos is None or book.pos.shape[0] != B:
+                book.pos = torch.zeros(B, lay.max_cache_len, dtype=torch.long, device=valid.device)
+            book.pos.index_copy_(1, slots, pos.expand(B, -1).to(torch.long))
         if K == 0:
             if book.full_len is None:
                 book.full_len = torch.zeros((), dtype=torch.long, device=valid.device)
@@ -871,20 +875,28 @@ def _unslide(state: _State, cache) -> None:
     """Sliding-window deep layers: their cache layers evict by slot count, which in the withdrawn
     layout (padding slots after a row's prompt) could drop tokens inside the window of original
     positions. They get a full cache layer instead (the window is applied by the mask)."""
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, StaticLayer
 
     layers = cache.layers
     for i in range(state.layer, min(len(layers), state.num_layers)):
         lay = layers[i]
         if getattr(lay, "is_sliding", False):
-            if _is_static(lay) or not isinstance(lay, DynamicLayer):
-                raise NotImplementedError(
-                    f"vtw: decoder layer {i} is a sliding-window layer with a {type(lay).__name__} cache; vtw handles "
-                    "sliding-window layers from K on with a dynamic cache only (use the default cache, or a layer "
-                    "after the last sliding one)")
             if getattr(lay, "is_initialized", False):
                 raise ValueError(f"vtw: layer {i}'s cache was filled before vtw.enable; start from a new cache")
-            layers[i] = DynamicLayer()
+            if isinstance(lay, StaticLayer):
+                # the capacity of the cache's full-attention layers (a sliding one keeps only its window)
+                cap = next((x.max_cache_len for x in layers if isinstance(x, StaticLayer)
+                            and not getattr(x, "is_sliding", False)), None)
+                if cap is None:
+                    raise NotImplementedError(f"vtw: decoder layer {i} is a sliding-window layer with a static cache "
+                                              "that has no full-attention layer to size a full one from")
+                layers[i] = StaticLayer(max_cache_len=cap)
+            elif isinstance(lay, DynamicLayer):
+                layers[i] = DynamicLayer()
+            else:
+                raise NotImplementedError(
+                    f"vtw: decoder layer {i} is a sliding-window layer with a {type(lay).__name__} cache; vtw handles "
+                    "sliding-window layers from K on with the dynamic and static caches only")
 
 
 def _compact_deep_caches(state: _State, cache, wmask: torch.Tensor) -> None:
