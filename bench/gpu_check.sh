@@ -44,8 +44,20 @@ build() {  # builds _C for the GPU present unless a CUDA build is already loaded
     say "build for sm_${cap/./} with $JOBS jobs"
     t0=$SECONDS
     # build_ext --inplace: the compiled _C lands in vtw_kernels/, nothing is installed.
-    VTW_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$cap" MAX_JOBS="$JOBS" "$PY" setup.py -q build_ext --inplace \
+    # pyproject.toml's SPDX license string needs setuptools >= 77; an image with an older one
+    # (which would refuse to read pyproject.toml) builds from a staging copy without it: only
+    # the extension is built here, and it needs nothing from the project metadata.
+    local src="$ROOT"
+    if ! "$PY" -c "import setuptools, sys; sys.exit(0 if int(setuptools.__version__.split('.')[0]) >= 77 else 1)" 2>/dev/null; then
+      src="$OUTDIR/build-src"
+      rm -rf "$src" && mkdir -p "$src"
+      cp -r "$ROOT/setup.py" "$ROOT/csrc" "$ROOT/vtw_kernels" "$src/"
+      mkdir -p "$src/python" && cp -r "$ROOT/python/vtw" "$src/python/"
+      echo "setuptools < 77 on this image: building from $src (no pyproject.toml)"
+    fi
+    (cd "$src" && VTW_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$cap" MAX_JOBS="$JOBS" "$PY" setup.py -q build_ext --inplace) \
       > "$OUTDIR/build.log" 2>&1 || { tail -n 40 "$OUTDIR/build.log"; echo "gpu_check: BUILD FAILED (build.log)"; return 1; }
+    if [ "$src" != "$ROOT" ]; then cp "$src"/vtw_kernels/_C*.so "$ROOT/vtw_kernels/"; fi
     echo "build took $((SECONDS - t0)) s"
   fi
   "$PY" -c "import vtw_kernels as v; print(v.build_hint()); assert v.WITH_CUDA"
