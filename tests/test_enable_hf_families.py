@@ -124,31 +124,10 @@ def _finish(model, attn):
     return model
 
 
-def _qwen3_case(name: str, attn: str, seed: int = 0, layers: int = 4) -> Case:
-    """Qwen3-VL / Qwen3-VL-MoE: patches of 2x2 pixels x 2 frames merged 2x2, so an image of grid
-    (1, h, w) gives h*w/4 image tokens between vision start/end (60, 61); DeepStack injects the
-    features of vision layers 0 and 1 after text layers 0 and 1."""
-    if name == "qwen3_vl":
-        from transformers import Qwen3VLConfig as Config, Qwen3VLForConditionalGeneration as Model
-
-        moe = {}
-    else:
-        from transformers import Qwen3VLMoeConfig as Config, Qwen3VLMoeForConditionalGeneration as Model
-
-        moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
-    enable_vtw_attention_if_present(attn)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=2,
-                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                  deepstack_visual_indexes=[0, 1])
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
-                num_key_value_heads=1, head_dim=16, vocab_size=64, max_position_embeddings=512,
-                initializer_range=0.2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                        "mrope_section": [2, 3, 3], "mrope_interleaved": True},
-                bos_token_id=1, eos_token_id=2, pad_token_id=0, **moe)
-    cfg = Config(vision_config=vision, text_config=text, image_token_id=62, video_token_id=63,
-                 vision_start_token_id=60, vision_end_token_id=61)
-    torch.manual_seed(seed)
-    model = _finish(Model(cfg), attn)
+def _mrope_grid_samples(seed: int):
+    """The samples of the M-RoPE families with a `[T, H, W]` grid per picture (Qwen3-VL, GLM-4V):
+    pictures of several shapes between <start>=60 and <end>=61, 2x2 merged into image tokens 62,
+    a text-only row, two pictures in one row; `mm_token_type_ids` marks the image tokens."""
     g = torch.Generator().manual_seed(seed + 1)
     patch_dim = 3 * 2 * 2 * 2
 
@@ -177,6 +156,35 @@ def _qwen3_case(name: str, attn: str, seed: int = 0, layers: int = 4) -> Case:
         types[ids == 62] = 1
         return {"mm_token_type_ids": types}
 
+    return samples, extra
+
+
+def _qwen3_case(name: str, attn: str, seed: int = 0, layers: int = 4) -> Case:
+    """Qwen3-VL / Qwen3-VL-MoE: patches of 2x2 pixels x 2 frames merged 2x2, so an image of grid
+    (1, h, w) gives h*w/4 image tokens between vision start/end (60, 61); DeepStack injects the
+    features of vision layers 0 and 1 after text layers 0 and 1."""
+    if name == "qwen3_vl":
+        from transformers import Qwen3VLConfig as Config, Qwen3VLForConditionalGeneration as Model
+
+        moe = {}
+    else:
+        from transformers import Qwen3VLMoeConfig as Config, Qwen3VLMoeForConditionalGeneration as Model
+
+        moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    enable_vtw_attention_if_present(attn)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=2,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, vocab_size=64, max_position_embeddings=512,
+                initializer_range=0.2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                        "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                bos_token_id=1, eos_token_id=2, pad_token_id=0, **moe)
+    cfg = Config(vision_config=vision, text_config=text, image_token_id=62, video_token_id=63,
+                 vision_start_token_id=60, vision_end_token_id=61)
+    torch.manual_seed(seed)
+    model = _finish(Model(cfg), attn)
+    samples, extra = _mrope_grid_samples(seed)
     return Case(name, model, (62, 63), 0, samples, _cat_mm, extra=extra, mrope=True)
 
 
@@ -337,34 +345,7 @@ def _glm4v_case(attn: str, seed: int = 0, layers: int = 4) -> Case:
                       image_start_token_id=60, image_end_token_id=61, video_start_token_id=58, video_end_token_id=59)
     torch.manual_seed(seed)
     model = _finish(Glm4vForConditionalGeneration(cfg), attn)
-    g = torch.Generator().manual_seed(seed + 1)
-    patch_dim = 3 * 2 * 2 * 2
-
-    def sample(parts):
-        ids, pvs, grids = [], [], []
-        for p in parts:
-            if isinstance(p, tuple):
-                h, w = p
-                pvs.append(torch.randn(h * w, patch_dim, generator=g))
-                grids.append((1, h, w))
-                ids += [60] + [62] * (h * w // 4) + [61]
-            else:
-                ids += p
-        mm = {"pixel_values": torch.cat(pvs), "image_grid_thw": torch.tensor(grids)} if pvs else {}
-        return Sample(ids, mm)
-
-    samples = [
-        sample([[1, 5, 6], (4, 4), [7, 8, 9]]),
-        sample([[1, 3], (4, 6), [4, 5], (4, 4), [6]]),
-        sample([[1, 10, 11, 12]]),
-        sample([[1], (6, 4), [13, 14, 15, 16, 17, 18, 19, 20]]),
-    ]
-
-    def extra(ids, am):
-        types = torch.zeros_like(ids, dtype=torch.int32)
-        types[ids == 62] = 1
-        return {"mm_token_type_ids": types}
-
+    samples, extra = _mrope_grid_samples(seed)
     return Case("glm4v", model, (62, 63), 0, samples, _cat_mm, extra=extra, mrope=True)
 
 
