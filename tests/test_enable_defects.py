@@ -21,11 +21,9 @@ import torch
 
 import vtw
 from vtw.compat.transformers import CHECKPOINT_REPLAYS_CALL
-from test_enable_hf_families import _masked_forward, assert_generate_matches, ref_greedy
+from test_enable_hf_families import STEPS, _masked_forward, _refs, assert_generate_matches
 from test_enable_support import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from test_enable_support import batch_inputs, gen_kwargs, llava_case
-
-STEPS = 3
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +31,6 @@ def case():
     c = llava_case("sdpa")
     c.refs = {}
     return c
-
-
-def _refs(case, K):
-    if K not in case.refs:
-        case.refs[K] = [ref_greedy(case, K, s, STEPS) for s in case.samples]
-    return case.refs[K]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,6 @@ every step. vtw runs batched (left padding, rows with 0, 1 and 2 pictures), with
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -124,19 +122,20 @@ def _finish(model, attn):
     return model
 
 
-def _mrope_grid_samples(seed: int):
+def _mrope_grid_samples(seed: int, patch_shape=(3 * 2 * 2 * 2,)):
     """The samples of the M-RoPE families with a `[T, H, W]` grid per picture (Qwen3-VL, GLM-4V):
     pictures of several shapes between <start>=60 and <end>=61, 2x2 merged into image tokens 62,
-    a text-only row, two pictures in one row; `mm_token_type_ids` marks the image tokens."""
+    a text-only row, two pictures in one row; `mm_token_type_ids` marks the image tokens. Each patch
+    is `patch_shape` (flat for Qwen3-VL / GLM-4V: 3 channels x 2 frames x 2 x 2 pixels; Kimi K2.5
+    takes [3, 2, 2])."""
     g = torch.Generator().manual_seed(seed + 1)
-    patch_dim = 3 * 2 * 2 * 2
 
     def sample(parts):
         ids, pvs, grids = [], [], []
         for p in parts:
             if isinstance(p, tuple):
                 h, w = p
-                pvs.append(torch.randn(h * w, patch_dim, generator=g))
+                pvs.append(torch.randn(h * w, *patch_shape, generator=g))
                 grids.append((1, h, w))
                 ids += [60] + [62] * (h * w // 4) + [61]
             else:
@@ -349,24 +348,9 @@ def _glm4v_case(attn: str, seed: int = 0, layers: int = 4) -> Case:
     return Case("glm4v", model, (62, 63), 0, samples, _cat_mm, extra=extra, mrope=True)
 
 
-def _gemma3_case(attn: str, seed: int = 0) -> Case:
-    """Gemma 3: layers sliding, full, sliding, full (window 4, shorter than the prompts); 8x8
-    images, patch 2, pooled to 4 image tokens (63) between <start_of_image> (58) and
-    <end_of_image> (59); token_type_ids mark the image tokens (bidirectional within an image in the
-    layers < K, as the model computes it)."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
-    enable_vtw_attention_if_present(attn)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=8,
-                  patch_size=2)
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=256, pad_token_id=0,
-                bos_token_id=1, eos_token_id=2, initializer_range=0.2, sliding_window=4,
-                layer_types=["sliding_attention", "full_attention"] * 2)
-    cfg = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=4, image_token_index=63,
-                       boi_token_index=58, eoi_token_index=59)
-    torch.manual_seed(seed)
-    model = _finish(Gemma3ForConditionalGeneration(cfg), attn)
+def _boi_eoi_samples(seed: int):
+    """The samples of the families whose 8x8 picture becomes 4 image tokens 63 between <boi>=58 and
+    <eoi>=59 (Gemma 3, Aya Vision): a picture mid-row, two in one row, a text-only row."""
     g = torch.Generator().manual_seed(seed + 1)
 
     def sample(parts):
@@ -385,6 +369,28 @@ def _gemma3_case(attn: str, seed: int = 0) -> Case:
         sample([[1, 10, 11, 12]]),
         sample([[1], "img", [13, 14, 15, 16, 17, 18, 19, 20]]),
     ]
+    return samples
+
+
+def _gemma3_case(attn: str, seed: int = 0) -> Case:
+    """Gemma 3: layers sliding, full, sliding, full (window 4, shorter than the prompts); 8x8
+    images, patch 2, pooled to 4 image tokens (63) between <start_of_image> (58) and
+    <end_of_image> (59); token_type_ids mark the image tokens (bidirectional within an image in the
+    layers < K, as the model computes it)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    enable_vtw_attention_if_present(attn)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=8,
+                  patch_size=2)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=256, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2, initializer_range=0.2, sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"] * 2)
+    cfg = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=4, image_token_index=63,
+                       boi_token_index=58, eoi_token_index=59)
+    torch.manual_seed(seed)
+    model = _finish(Gemma3ForConditionalGeneration(cfg), attn)
+    samples = _boi_eoi_samples(seed)
 
     def extra(ids, am):
         return {"token_type_ids": (ids == 63).long()}
@@ -441,27 +447,7 @@ def _kimi_case(attn: str, seed: int = 0, layers: int = 4) -> Case:
                          video_token_id=63, vision_start_token_id=60, vision_end_token_id=61)
     torch.manual_seed(seed)
     model = _finish(Kimi_K25ForConditionalGeneration(cfg), attn)
-    g = torch.Generator().manual_seed(seed + 1)
-
-    def sample(parts):
-        ids, pvs, grids = [], [], []
-        for p in parts:
-            if isinstance(p, tuple):
-                h, w = p
-                pvs.append(torch.randn(h * w, 3, 2, 2, generator=g))
-                grids.append((1, h, w))
-                ids += [60] + [62] * (h * w // 4) + [61]
-            else:
-                ids += p
-        mm = {"pixel_values": torch.cat(pvs), "image_grid_thw": torch.tensor(grids)} if pvs else {}
-        return Sample(ids, mm)
-
-    samples = [
-        sample([[1, 5, 6], (4, 4), [7, 8, 9]]),
-        sample([[1, 3], (4, 6), [4, 5], (4, 4), [6]]),
-        sample([[1, 10, 11, 12]]),
-        sample([[1], (6, 4), [13, 14, 15, 16, 17, 18, 19, 20]]),
-    ]
+    samples, _ = _mrope_grid_samples(seed, patch_shape=(3, 2, 2))
     return Case("kimi_k25", model, (62, 63), 0, samples, _cat_mm)
 
 
@@ -480,24 +466,7 @@ def _aya_vision_case(attn: str, seed: int = 0) -> Case:
     cfg = AyaVisionConfig(vision_config=vision, text_config=text, image_token_index=63, downsample_factor=2)
     torch.manual_seed(seed)
     model = _finish(AyaVisionForConditionalGeneration(cfg), attn)
-    g = torch.Generator().manual_seed(seed + 1)
-
-    def sample(parts):
-        ids, pvs = [], []
-        for p in parts:
-            if p == "img":
-                pvs.append(torch.randn(3, 8, 8, generator=g))
-                ids += [58] + [63] * 4 + [59]
-            else:
-                ids += p
-        return Sample(ids, {"pixel_values": torch.stack(pvs)} if pvs else {})
-
-    samples = [
-        sample([[1, 5, 6], "img", [7, 8, 9]]),
-        sample([[1, 3], "img", [4, 5], "img", [6]]),
-        sample([[1, 10, 11, 12]]),
-        sample([[1], "img", [13, 14, 15, 16, 17, 18, 19, 20]]),
-    ]
+    samples = _boi_eoi_samples(seed)
     return Case("aya_vision", model, (63,), 0, samples, _cat_mm)
 
 

@@ -942,29 +942,26 @@ class _VtwCacheMixin:
             return book.full_len
         return super().get_seq_length(layer_idx)
 
+    def _rows(self, select) -> None:
+        """Applies a batch-row operation of the cache to vtw's per-row record as well."""
+        book = getattr(self, "_vtw_book", None)
+        if book is not None:
+            for name in ("mask", "pos"):
+                t = getattr(book, name)
+                if t is not None:
+                    setattr(book, name, select(t))
+
     def reorder_cache(self, beam_idx):
         super().reorder_cache(beam_idx)
-        book = getattr(self, "_vtw_book", None)
-        if book is not None and book.mask is not None:
-            book.mask = book.mask.index_select(0, beam_idx.to(book.mask.device))
-        if book is not None and book.pos is not None:
-            book.pos = book.pos.index_select(0, beam_idx.to(book.pos.device))
+        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
-        book = getattr(self, "_vtw_book", None)
-        if book is not None and book.mask is not None:
-            book.mask = book.mask.repeat_interleave(repeats, dim=0)
-        if book is not None and book.pos is not None:
-            book.pos = book.pos.repeat_interleave(repeats, dim=0)
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices):
         super().batch_select_indices(indices)
-        book = getattr(self, "_vtw_book", None)
-        if book is not None and book.mask is not None:
-            book.mask = book.mask[indices]
-        if book is not None and book.pos is not None:
-            book.pos = book.pos[indices]
+        self._rows(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int):
         super().crop(tokens_to_remove)
