@@ -1,17 +1,9 @@
 # The newest set, the default (`main` before issue 17): the newest releases vtw supports.
 # Python 3.13, torch 2.15.0 (the CUDA 13 build: it compiles the CUDA kernels without a GPU),
 # the Triton it pins (3.9.0), and the newest transformers 5.x.
-VTW_ENV_PYTHON="${VTW_PYTHON:-}"
-if [ -z "$VTW_ENV_PYTHON" ]; then
-  if command -v pyenv >/dev/null; then
-    # pyenv (as on the project's machines): its newest installed 3.13
-    v="$(pyenv versions --bare 2>/dev/null | grep -E '^3\.13\.[0-9]+$' | sort -V | tail -n1 || true)"
-    [ -n "$v" ] && VTW_ENV_PYTHON="$(PYENV_VERSION="$v" pyenv which python3)"
-  fi
-  if [ -z "$VTW_ENV_PYTHON" ] && python3.13 -c pass 2>/dev/null; then
-    VTW_ENV_PYTHON="$(command -v python3.13)"
-  fi
-fi
+# shellcheck disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/../find_python.sh"
+VTW_ENV_PYTHON="${VTW_PYTHON:-$(vtw_find_python 3.13)}"
 VTW_ENV_PYTHON_HINT="Python 3.13 (not found via pyenv nor as python3.13: install it, e.g. 'pyenv install 3.13', or point VTW_PYTHON at a 3.10-3.13 interpreter)"
 VTW_ENV_TORCH="torch==2.15.0"
 VTW_ENV_PACKAGES="triton==3.9.0 transformers>=5.17,<6"
