@@ -79,15 +79,11 @@ def _run(llm, reqs):
     from vllm import SamplingParams
 
     engine = llm.llm_engine
-    sched = engine.engine_core.engine_core.scheduler
-    preempted = []
-    orig = sched._preempt_request
-    sched._preempt_request = lambda r, *a, **k: (preempted.append(r.request_id), orig(r, *a, **k))[1]
     sp = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
     pending = [(f"q{id(r)}-{i}", r) for i, r in enumerate(reqs)]
     names = [n for n, _ in pending]
     done, steps = {}, 0
-    try:
+    with tiny.preemptions(llm) as preempted:
         while pending or engine.has_unfinished_requests():
             if pending and (steps == 0 or steps % 2 == 1):
                 for _ in range(2 if steps == 0 else 1):
@@ -100,8 +96,6 @@ def _run(llm, reqs):
                                           int(o.num_cached_tokens or 0))
             steps += 1
             assert steps < 3000, "the engine did not finish"
-    finally:
-        sched._preempt_request = orig
     return [done[n] for n in names], len(preempted)
 
 

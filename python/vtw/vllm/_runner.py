@@ -231,6 +231,9 @@ def make_step(st: _State, *, is_text: np.ndarray, n_sched: np.ndarray, text_befo
         dseq_t = dseq_t - shift[sel_t].to(dseq_t.dtype)
         step.withdrawn = withdrawn
     prefilling = torch.from_numpy(np.ascontiguousarray(is_prefilling[sel])) if is_prefilling is not None else None
+    # the same for every deep group: one copy each per step
+    dqsl_t = dqsl_cpu.to(device)
+    max_query_len, max_seq_len = int(n_text[sel].max()), int(dseq.max())
     for gid, ag, names in deep_groups(st, attn_groups):
         bt_all = block_table(gid)
         bs = ag.kv_cache_spec.block_size
@@ -239,10 +242,10 @@ def make_step(st: _State, *, is_text: np.ndarray, n_sched: np.ndarray, text_befo
         if withdrawn is not None:  # no KV slot for a token withdrawn after all (-1: vLLM's padding slot)
             slots = torch.where(withdrawn, torch.full_like(slots, -1), slots)
         cm = CommonAttentionMetadata(
-            query_start_loc=dqsl_cpu.to(device), query_start_loc_cpu=dqsl_cpu,
+            query_start_loc=dqsl_t, query_start_loc_cpu=dqsl_cpu,
             seq_lens=dseq_t, seq_lens_cpu_upper_bound=dseq_cpu,
-            num_reqs=R, num_actual_tokens=T, max_query_len=int(n_text[sel].max()),
-            max_seq_len=int(dseq.max()), block_table_tensor=bt_all[sel_t], slot_mapping=slots, causal=True,
+            num_reqs=R, num_actual_tokens=T, max_query_len=max_query_len,
+            max_seq_len=max_seq_len, block_table_tensor=bt_all[sel_t], slot_mapping=slots, causal=True,
             is_prefilling=prefilling)
         md = build(ag, cm)
         for n in names:
@@ -258,21 +261,18 @@ def _layer_forward(st: _State, idx: int, orig, positions, hidden_states, residua
     K = max(st.settings.layer, st.start)
     last = st.end - 1
     if idx == K:
-        if step.owner is not None:
-            from vllm.forward_context import get_forward_context
+        from vllm.forward_context import get_forward_context
 
-            if get_forward_context().attn_metadata is not step.owner:
-                st.step = None
-                return orig(positions, hidden_states, residual, *args, **kwargs)
+        ctx = get_forward_context()
+        if step.owner is not None and ctx.attn_metadata is not step.owner:
+            st.step = None
+            return orig(positions, hidden_states, residual, *args, **kwargs)
         step.full_hidden, step.full_residual = hidden_states, residual
         if step.num_text:
             keep = step.keep
             hidden_states = hidden_states.index_select(0, keep)
             residual = residual.index_select(0, keep) if residual is not None else None
             step.positions = positions.index_select(-1, keep)  # [N] or M-RoPE's [3, N]
-            from vllm.forward_context import get_forward_context
-
-            ctx = get_forward_context()
             for n, md in step.metadata.items():
                 ctx.attn_metadata[n] = md
                 ctx.slot_mapping[n] = step.slots[n]

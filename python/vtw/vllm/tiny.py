@@ -9,6 +9,7 @@ saved in the llava-hf layout vLLM's loader expects (``vision_tower.vision_model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -120,6 +121,19 @@ def image(seed: int):
     return Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
 
 
+@contextlib.contextmanager
+def preemptions(llm):
+    """Within the block, the ids of the requests the engine's scheduler preempts, in order."""
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    preempted = []
+    orig = sched._preempt_request
+    sched._preempt_request = lambda req, *a, **k: (preempted.append(req.request_id), orig(req, *a, **k))[1]
+    try:
+        yield preempted
+    finally:
+        sched._preempt_request = orig
+
+
 def run_workload(llm, new_tokens: int, prompts=PROMPTS, image=image,
                  aborted=("<image> this one is aborted", 9)):
     """Runs `prompts` through the engine's step loop: requests arrive over several steps
@@ -128,16 +142,12 @@ def run_workload(llm, new_tokens: int, prompts=PROMPTS, image=image,
     from vllm import SamplingParams
 
     engine = llm.llm_engine
-    sched = engine.engine_core.engine_core.scheduler
-    preempted = []
-    orig = sched._preempt_request
-    sched._preempt_request = lambda req, *a, **k: (preempted.append(req.request_id), orig(req, *a, **k))[1]
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     pending = [(f"r{i}", {"prompt": t, **({"multi_modal_data": {"image": image(s)}} if s is not None else {})})
                for i, (t, s) in enumerate(prompts)]
     pending.insert(2, ("abort-me", {"prompt": aborted[0], "multi_modal_data": {"image": image(aborted[1])}}))
     done, steps = {}, 0
-    try:
+    with preemptions(llm) as preempted:
         while pending or engine.has_unfinished_requests():
             if pending and (steps == 0 or steps % 2 == 1):  # two at first, then one every other step
                 for _ in range(2 if steps == 0 else 1):
@@ -152,8 +162,6 @@ def run_workload(llm, new_tokens: int, prompts=PROMPTS, image=image,
             steps += 1
             if steps > 5000:
                 raise RuntimeError("vtw.vllm.tiny.run_workload: the engine did not finish")
-    finally:
-        sched._preempt_request = orig
     return [done[f"r{i}"] for i in range(len(prompts))], len(preempted)
 
 
