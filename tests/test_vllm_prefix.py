@@ -149,6 +149,9 @@ def test_prefix_caching_exact_and_hit(folder, hf, kv, layer, blocks):
         reach = min(len(t.ids) - 1, fv if fv is not None else len(t.ids))
         assert 3 * BS <= hits[4] <= reach, (hits, reach)
         assert pre1 + pre2 > 0, "the workload was meant to preempt a request"
+        # vLLM's compilation on (its default): decode and text-only steps compiled, picture steps eager
+        compiles, compiled, eager = tiny.step_paths(llm)
+        assert compiles and compiled > 0 and eager > 0, (compiles, compiled, eager)
         free, total = tiny.free_blocks(llm)
         assert free == total, f"{total - free} KV blocks still held after the workload"
     finally:

@@ -32,6 +32,7 @@ def llm(folder):
     engine = LLM(str(folder), dtype="float32", distributed_executor_backend="uni", max_model_len=96,
                  max_num_batched_tokens=16, max_num_seqs=4, seed=0, block_size=32, num_gpu_blocks_override=5,
                  limit_mm_per_prompt={"image": 1, "video": 0},
+                 enforce_eager=True,  # re-wired to each K between workloads (set_layer)
                  hf_overrides={"vtw_layer": LAYERS // 2, "vtw_kv": "shared"})
     yield engine
     del engine
@@ -162,6 +163,8 @@ def test_text_only_tokens_equal_withdrawn_model(folder, hf, llm):
             assert gp == wp
             assert gt == wt, f"text_only, K=1: vLLM {gt} != reference {wt}"
         assert preempted > 0
+        compiles, compiled, eager = tiny.step_paths(engine)  # vLLM's compilation on (its default)
+        assert compiles and compiled > 0 and eager > 0, (compiles, compiled, eager)
         free, total = tiny.free_blocks(engine)
         assert free == total
     finally:

@@ -63,7 +63,9 @@ def _command(port: int, overrides: dict | None) -> list[str]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(embedded.path()),
            "--served-model-name", "embedded", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", "256", "--kv-cache-memory-bytes", str(16 << 20), "--block-size", "32",
-           "--enforce-eager"]  # stock too: no torch.compile warm-up (minutes on 2 cores); vtw runs eagerly
+           # every engine eager here: no torch.compile warm-up (minutes on 2 cores); vtw engines with
+           # vLLM's compilation: test_vllm_text_only, test_vllm_prefix, test_vllm_qwen2vl
+           "--enforce-eager"]
     if overrides is not None:
         cmd += ["--hf-overrides", json.dumps(overrides)]
     return cmd

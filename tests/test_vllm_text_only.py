@@ -87,6 +87,13 @@ def test_text_only_tokens_equal_withdrawn_model(folder, hf, layer):
             assert gp == wp
             assert gt == wt, f"text_only, K={layer}: vLLM {gt} != HF vtw.enable {wt}"
         assert preempted > 0, "the workload was meant to preempt a request"
+        # at K = 1 the tiny model generates its image token id: such a token is withdrawn too
+        # (under Model Runner V2 on the device, in steps that run the compiled graph)
+        assert layer != 1 or any(hf[0].config.image_token_id in gt for _, gt in got)
+        # vLLM's compilation is on (its default): steps with every token kept ran the compiled
+        # graph, steps with visual tokens ran eagerly
+        compiles, compiled, eager = tiny.step_paths(llm)
+        assert compiles and compiled > 0 and eager > 0, (compiles, compiled, eager)
         free, total = tiny.free_blocks(llm)
         assert free == total, f"{total - free} KV blocks still held after the workload"
     finally:

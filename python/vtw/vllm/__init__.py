@@ -29,9 +29,10 @@ wherever it appears, as in :func:`vtw.enable`.
 
 Checks at engine start (when ``vtw_layer`` is given): the vLLM version (see
 :mod:`vtw.vllm._version`), the model family, ``0 <= K <= L``, the KV mode, pipeline parallel
-and speculative decoding (not supported), CUDA graphs and
-``torch.compile`` (turned off with a warning: the deep layers' token count changes per step).
-Prefix caching stays on, with hits capped at a request's first visual token (see
+and speculative decoding (not supported). vLLM's compilation stays on: a step whose scheduled
+tokens are all kept (every decode-only step) runs the compiled graph, a step with visual tokens
+runs eagerly (see :mod:`vtw.vllm._runner`); on a GPU, full CUDA graphs become piecewise ones
+(attention, which reads the deep layers' per-step metadata, outside the graphs). Prefix caching stays on, with hits capped at a request's first visual token (see
 :mod:`vtw.vllm._prefix`).
 """
 

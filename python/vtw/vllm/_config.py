@@ -93,6 +93,16 @@ def settings(model_config) -> Settings | None:
     return Settings(layer, num_layers, kv, token_ids, FAMILIES[arch])
 
 
+def _has_static_graphs() -> bool:
+    """Whether the platform captures CUDA graphs (vLLM's CPU platform does not)."""
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.support_static_graph_mode())
+    except Exception:
+        return False
+
+
 def verify(vllm_config) -> Settings | None:
     """Called while vLLM builds its config (engine start, every process)."""
     mc = vllm_config.model_config
@@ -114,10 +124,18 @@ def verify(vllm_config) -> Settings | None:
     if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
         logger.info("vtw.vllm: prefix caching stays on; hits stop at a request's first visual token (a shared "
                     "text prefix is reused, an image and what follows it is recomputed)")
-    if not mc.enforce_eager:
-        logger.warning("vtw.vllm: running eagerly (enforce_eager=True): the deep layers' token count "
-                       "changes every step, which torch.compile and CUDA graphs do not capture")
-        mc.enforce_eager = True
+    # vLLM's compilation stays on: steps whose scheduled tokens are all kept run the compiled
+    # graph, steps with visual tokens run eagerly (vtw.vllm._runner). Full CUDA graphs would
+    # replay the deep layers' attention metadata of the capture; piecewise ones leave attention
+    # (which reads the step's metadata) outside the graphs.
+    cc = vllm_config.compilation_config
+    mode = getattr(cc, "cudagraph_mode", None)
+    if not mc.enforce_eager and _has_static_graphs() and (mode is None or mode.has_full_cudagraphs()):
+        from vllm.config import CUDAGraphMode
+
+        logger.info("vtw.vllm: CUDA graphs piecewise (attention outside the graphs) instead of %s: the deep "
+                    "layers' attention metadata is built per step", getattr(mode, "name", "the default"))
+        cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
     # the "withdrawn from decoder layer K" log comes from the worker, once the wiring into the
     # runner in use succeeded (vtw.vllm.runners.check_wired)
     return s

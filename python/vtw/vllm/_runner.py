@@ -1,14 +1,28 @@
 """The worker side, shared by every model runner: withdrawal inside the model's layer loop.
 
-Once the model is loaded, if its config asks for withdrawal, the language model's decoder layers
-``>= K`` get a wrapper (an instance ``forward``; the classes are not touched, so another engine in
-the process stays stock). Per step, a runner-specific module (:mod:`vtw.vllm.runners.v1` for
-vLLM's V1 runner, :mod:`vtw.vllm.runners.mrv2` for Model Runner V2) tells :func:`make_step`, from
-host data the runner already holds, which scheduled tokens are text and how many text tokens
-each request had before this step; :func:`make_step` builds the deep layers' view of the step
-(the kept tokens, their text rank, the deep KV groups' attention metadata and slot mapping) and
-the layer wrapper does the rest: gather at layer K, the deep layers on the kept tokens with their
-own metadata, scatter back to the batch's ``[N, D]`` layout after the last layer.
+Once the model is loaded, if its config asks for withdrawal, decoder layer ``K`` of the language
+model gets a wrapper that runs layers ``K..L-1`` itself (the later layers' own ``forward``
+becomes a pass-through), and the model gets a wrapper around its ``forward`` (instance
+attributes; the classes are not touched, so another engine in the process stays stock). Per
+step, a runner-specific module (:mod:`vtw.vllm.runners.v1` for vLLM's V1 runner,
+:mod:`vtw.vllm.runners.mrv2` for Model Runner V2) tells :func:`make_step`, from host data the
+runner already holds, which scheduled tokens are text and how many text tokens each request had
+before this step; :func:`make_step` builds the deep layers' view of the step (the kept tokens,
+their text rank, the deep KV groups' attention metadata and slot mapping).
+
+Two ways through the deep layers, chosen per step on the host:
+
+- every scheduled token kept (every decode-only step, text-only prefill): the gather at layer K
+  is the identity, so the layers run on the whole batch as in stock vLLM and the step runs
+  vLLM's compiled graph; only the deep layers' attention metadata and slots differ, and those
+  are read by vLLM's attention ops from the forward context, which the model wrapper fills
+  before the forward. A token the runner could only check on the device (MRv2: a sampled id
+  that turns out visual) leaves with the stream that entered layer K through a ``where`` on a
+  persistent mask, inside the graph.
+- a step with visual tokens: the kept-token count is data, so the step runs eagerly (vLLM's
+  ``ForwardContext.skip_compiled``, as vLLM does for encoder-decoder steps with encoder input):
+  gather at layer K, the deep layers on the kept tokens with their own metadata, scatter back to
+  the batch's ``[N, D]`` layout after the last layer.
 
 Nothing here reads device data on the host: the per-token indices are built on the host and
 copied to the device, the deep slots are gathered from the device block tables on the device.
@@ -34,14 +48,12 @@ class _Step:
     num_text: int
     metadata: dict = field(default_factory=dict)  # deep layer name -> attention metadata
     slots: dict = field(default_factory=dict)  # deep layer name -> slot mapping [T]
-    # filled by the layers during the forward
-    full_hidden: torch.Tensor | None = None
-    full_residual: torch.Tensor | None = None
-    positions: torch.Tensor | None = None
     # the attention metadata dict of the step this view belongs to (MRv2: a forward with another
     # dict, e.g. a dummy run that built none, runs stock); None: not checked (V1 clears the view)
     owner: object = None
     withdrawn: torch.Tensor | None = None  # [T] bool (device): kept tokens that leave with the early-exit value
+    identity: bool = False  # every scheduled token kept: the compiled graph can run this step
+    injected: bool = False  # the deep metadata is in the forward context
 
 
 class _State:
@@ -58,6 +70,14 @@ class _State:
         self.last_deep_tokens: int | None = None
         self.deep_tokens_total = 0
         self.steps = 0
+        # MRv2: [max tokens] bool, persistent (the compiled graph reads it): kept tokens withdrawn on
+        # the device in a step that runs every token through the deep layers
+        self.withdrawn_buf: torch.Tensor | None = None
+        # steps that ran the language model's compiled graph / eagerly (see the module docstring)
+        self.compiled_steps = 0
+        self.eager_steps = 0
+        self.compiles = False  # the engine compiles the language model (vLLM's compilation on)
+        self.traced = False  # a real step of > 1 token has run the compiled graph
 
 
 def language_layers(model):
@@ -68,7 +88,7 @@ def language_layers(model):
         raise RuntimeError(f"vtw.vllm: cannot find the decoder layers of {type(lm).__name__}")
     start = getattr(inner, "start_layer", 0)
     end = getattr(inner, "end_layer", len(layers))
-    return layers, start, end
+    return layers, start, end, inner
 
 
 def _attn_name(layer) -> str:
@@ -85,29 +105,49 @@ def uninstall_model(model) -> None:
         for i in st.names:
             lay = st.layers[i]
             fwd = lay.__dict__.get("forward")
-            if isinstance(fwd, functools.partial) and fwd.func is _layer_forward:
+            if isinstance(fwd, functools.partial) and fwd.func in (_deep_forward, _pass_through):
                 del lay.forward
+        fwd = model.__dict__.get("forward")
+        if isinstance(fwd, functools.partial) and fwd.func is _model_forward:
+            del model.forward
     model._vtw_state = None
 
 
-def install_model(model, s: _config.Settings, runner_name: str) -> _State | None:
-    """Wraps the deep decoder layers of `model` for the withdrawal `s` asks for (None when `s`
-    withdraws nothing). The state is kept on the model instance."""
+def _compiles(model) -> bool:
+    """Whether vLLM compiles the language model of `model` (its ``support_torch_compile``
+    decorator sets ``do_not_compile``; eager engines and undecorated models have it True/absent)."""
+    return getattr(language_layers(model)[3], "do_not_compile", True) is False
+
+
+def install_model(model, s: _config.Settings, runner_name: str, *, max_tokens: int | None = None) -> _State | None:
+    """Wires the withdrawal `s` asks for into `model` (None when `s` withdraws nothing). The
+    state is kept on the model instance. `max_tokens`: the most tokens a step can carry, for a
+    runner that withdraws sampled tokens on the device (MRv2), which then get a persistent mask."""
     model._vtw_state = None
     if s is None or not s.active:
         return None
-    layers, start, end = language_layers(model)
+    layers, start, end, inner = language_layers(model)
     if len(layers) != s.num_layers:
         raise RuntimeError(f"vtw.vllm: the config says {s.num_layers} decoder layers, the model has {len(layers)}")
-    names = {i: _attn_name(layers[i]) for i in range(max(start, s.layer), end)}
+    deep = range(max(start, s.layer), end)
+    names = {i: _attn_name(layers[i]) for i in deep}
     st = _State(s, layers, start, end, names, runner_name)
+    st.compiles = getattr(inner, "do_not_compile", True) is False
+    if max_tokens is not None:
+        device = next(iter(model.parameters())).device
+        st.withdrawn_buf = torch.zeros(int(max_tokens), dtype=torch.bool, device=device)
     if s.kv == "text_only":
-        _text_only_specs(layers, range(max(start, s.layer), end), s.token_ids)
-    for i in range(max(start, s.layer), end):
-        lay = layers[i]
-        if "forward" in lay.__dict__:
+        _text_only_specs(layers, deep, s.token_ids)
+    for i in deep:
+        if "forward" in layers[i].__dict__:
             raise RuntimeError(f"vtw.vllm: decoder layer {i} already has a patched forward")
-        lay.forward = functools.partial(_layer_forward, st, i, lay.forward)
+    if "forward" in model.__dict__:
+        raise RuntimeError(f"vtw.vllm: {type(model).__name__} already has a patched forward")
+    forwards = tuple(layers[i].forward for i in deep)
+    layers[deep[0]].forward = functools.partial(_deep_forward, st, forwards)
+    for i in deep[1:]:
+        layers[i].forward = functools.partial(_pass_through, st)
+    model.forward = functools.partial(_model_forward, st, model.forward)
     model._vtw_state = st
     return st
 
@@ -128,6 +168,10 @@ def set_layer(runner, layer: int) -> None:
     if s.kv == "text_only":
         raise RuntimeError("vtw.vllm.set_layer: with text_only the KV cache groups are laid out for the "
                            "engine's vtw_layer; start an engine per K")
+    if _compiles(runner.get_model() if hasattr(runner, "get_model") else runner.model):
+        raise RuntimeError("vtw.vllm.set_layer: this engine compiles the language model, and the compiled graph "
+                           "holds the layer wiring it was traced with; start an engine per K, or one with "
+                           "enforce_eager=True to re-wire it")
     if not 0 <= layer <= s.num_layers:
         raise ValueError(f"vtw.vllm.set_layer: layer must be in [0, {s.num_layers}], got {layer}")
     from dataclasses import replace
@@ -135,8 +179,9 @@ def set_layer(runner, layer: int) -> None:
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     old = getattr(model, "_vtw_state", None)
     name = old.runner_name if old is not None else type(runner).__name__
+    max_tokens = old.withdrawn_buf.numel() if old is not None and old.withdrawn_buf is not None else None
     uninstall_model(model)
-    install_model(model, replace(s, layer=layer), name)  # K = L: no state, the layers run stock
+    install_model(model, replace(s, layer=layer), name, max_tokens=max_tokens)  # K = L: no state, the layers run stock
 
 
 def _text_only_specs(layers, deep, token_ids) -> None:
@@ -208,6 +253,7 @@ def make_step(st: _State, *, is_text: np.ndarray, n_sched: np.ndarray, text_befo
                      st.steps, st.settings.layer, T, int(is_text.shape[0]))
     if T == 0:
         return _Step(keep=None, num_text=0)
+    identity = T == int(is_text.shape[0])
     req_of_tok = np.repeat(np.arange(num_reqs), n_sched)[keep]
     n_text = np.bincount(req_of_tok, minlength=num_reqs)
     first = np.concatenate([[0], np.cumsum(n_text)[:-1]])  # index in `keep` of each request's first text token
@@ -222,7 +268,7 @@ def make_step(st: _State, *, is_text: np.ndarray, n_sched: np.ndarray, text_befo
     sel_t = torch.from_numpy(sel).to(device)
     req_t = torch.from_numpy(req_of_tok.astype(np.int64)).to(device)
     rank_t = torch.from_numpy(rank.astype(np.int64)).to(device)
-    step = _Step(keep=torch.from_numpy(keep).to(device), num_text=T)
+    step = _Step(keep=torch.from_numpy(keep).to(device), num_text=T, identity=identity)
     dseq_t = dseq_cpu.to(device)
     withdrawn = None
     if device_correction is not None:
@@ -230,6 +276,10 @@ def make_step(st: _State, *, is_text: np.ndarray, n_sched: np.ndarray, text_befo
         rank_t = rank_t - shift[req_t]
         dseq_t = dseq_t - shift[sel_t].to(dseq_t.dtype)
         step.withdrawn = withdrawn
+        if identity:  # the compiled graph reads the persistent mask (kept = scheduled tokens here)
+            buf = st.withdrawn_buf
+            buf[T:].zero_()
+            buf[:T].copy_(withdrawn)
     prefilling = torch.from_numpy(np.ascontiguousarray(is_prefilling[sel])) if is_prefilling is not None else None
     # the same for every deep group: one copy each per step
     dqsl_t = dqsl_cpu.to(device)
@@ -254,45 +304,90 @@ def make_step(st: _State, *, is_text: np.ndarray, n_sched: np.ndarray, text_befo
     return step
 
 
-def _layer_forward(st: _State, idx: int, orig, positions, hidden_states, residual, *args, **kwargs):
+def _inject(step: _Step, ctx) -> None:
+    """The deep layers' attention metadata and slots into the forward context (vLLM's attention
+    ops read both by layer name)."""
+    if step.injected:
+        return
+    for n, md in step.metadata.items():
+        ctx.attn_metadata[n] = md
+        ctx.slot_mapping[n] = step.slots[n]
+    step.injected = True
+
+
+def _model_forward(st: _State, orig, *args, **kwargs):
+    """The model's forward: the step's deep metadata into the forward context, and the step's
+    way through the deep layers (compiled graph or eager; see the module docstring)."""
     step = st.step
-    if step is None:  # a dummy run (profiling, warm-up): no request, run the layer as it is
-        return orig(positions, hidden_states, residual, *args, **kwargs)
-    K = max(st.settings.layer, st.start)
-    last = st.end - 1
-    if idx == K:
+    if step is not None:
         from vllm.forward_context import get_forward_context
 
         ctx = get_forward_context()
         if step.owner is not None and ctx.attn_metadata is not step.owner:
-            st.step = None
-            return orig(positions, hidden_states, residual, *args, **kwargs)
-        step.full_hidden, step.full_residual = hidden_states, residual
-        if step.num_text:
-            keep = step.keep
-            hidden_states = hidden_states.index_select(0, keep)
-            residual = residual.index_select(0, keep) if residual is not None else None
-            step.positions = positions.index_select(-1, keep)  # [N] or M-RoPE's [3, N]
-            for n, md in step.metadata.items():
-                ctx.attn_metadata[n] = md
-                ctx.slot_mapping[n] = step.slots[n]
-    if step.num_text:
-        hidden_states, residual = orig(step.positions, hidden_states, residual, *args, **kwargs)
-    if idx != last:
+            st.step = step = None  # MRv2: a forward with another dict (a dummy run) runs stock
+        else:
+            _inject(step, ctx)
+            if not step.identity:  # visual tokens in the step (or no text token at all)
+                ctx.skip_compiled = True
+            elif st.compiles and not st.traced:
+                # vLLM traces once, at the first compiled call (its warm-up, unless skipped, as
+                # VLLM_CPU_CI_ENV does); a 1-token batch there would specialise the graph to one
+                # token, so such a step stays eager until a larger one has been traced
+                if step.num_text < 2:
+                    ctx.skip_compiled = True
+                else:
+                    st.traced = True
+            if st.compiles and not ctx.skip_compiled:
+                st.compiled_steps += 1
+            else:
+                st.eager_steps += 1
+    if step is None and st.withdrawn_buf is not None:
+        st.withdrawn_buf.zero_()  # a dummy run withdraws nothing
+    return orig(*args, **kwargs)
+
+
+def _pass_through(st: _State, positions, hidden_states, residual, *args, **kwargs):
+    """Decoder layers K+1..L-1: run by layer K's wrapper (:func:`_deep_forward`)."""
+    return hidden_states, residual
+
+
+def _deep_forward(st: _State, forwards, positions, hidden_states, residual, *args, **kwargs):
+    """Decoder layer K: runs layers K..L-1 (their original forwards, in order)."""
+    step = None if torch.compiler.is_compiling() else st.step
+    if step is None or step.identity:
+        # every token through the deep layers (a traced or compiled step, an identity step, a
+        # dummy run): only the attention metadata differs from stock, and it is in the forward
+        # context; a token withdrawn on the device leaves with the stream that entered layer K
+        h0, r0 = hidden_states, residual
+        for f in forwards:
+            hidden_states, residual = f(positions, hidden_states, residual, *args, **kwargs)
+        buf = st.withdrawn_buf
+        if buf is not None:
+            if r0 is None:  # K == 0: no residual stream yet
+                r0 = torch.zeros_like(h0)
+            w = buf[: hidden_states.shape[0]].unsqueeze(-1)
+            hidden_states = torch.where(w, h0.to(hidden_states.dtype), hidden_states)
+            residual = torch.where(w, r0.to(residual.dtype), residual)
         return hidden_states, residual
-    # the last layer: back to the batch's [N, D] layout (withdrawn rows: the stream that entered
-    # layer K, which the final norm turns into the early-exit value)
-    full_h, full_r = step.full_hidden, step.full_residual
+    if step.num_text == 0:  # no text token in the step: every token leaves with the early-exit value
+        return hidden_states, (residual if residual is not None else torch.zeros_like(hidden_states))
+    from vllm.forward_context import get_forward_context
+
+    _inject(step, get_forward_context())
+    full_h, full_r = hidden_states, residual
+    keep = step.keep
+    h = hidden_states.index_select(0, keep)
+    r = residual.index_select(0, keep) if residual is not None else None
+    pos = positions.index_select(-1, keep)  # [N] or M-RoPE's [3, N]
+    for f in forwards:
+        h, r = f(pos, h, r, *args, **kwargs)
+    # back to the batch's [N, D] layout (withdrawn rows: the stream that entered layer K, which
+    # the final norm turns into the early-exit value)
     if full_r is None:  # K == 0: no residual stream yet
         full_r = torch.zeros_like(full_h)
-    if not step.num_text:
-        return full_h, full_r
-    hidden_states, residual = hidden_states.to(full_h.dtype), residual.to(full_r.dtype)
+    h, r = h.to(full_h.dtype), r.to(full_r.dtype)
     if step.withdrawn is not None:
         w = step.withdrawn[:, None]
-        hidden_states = torch.where(w, full_h.index_select(0, step.keep), hidden_states)
-        residual = torch.where(w, full_r.index_select(0, step.keep), residual)
-    out_h = full_h.index_copy(0, step.keep, hidden_states)
-    out_r = full_r.index_copy(0, step.keep, residual)
-    step.full_hidden = step.full_residual = None
-    return out_h, out_r
+        h = torch.where(w, full_h.index_select(0, keep), h)
+        r = torch.where(w, full_r.index_select(0, keep), r)
+    return full_h.index_copy(0, keep, h), full_r.index_copy(0, keep, r)

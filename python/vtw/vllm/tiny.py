@@ -165,6 +165,15 @@ def run_workload(llm, new_tokens: int, prompts=PROMPTS, image=image,
     return [done[f"r{i}"] for i in range(len(prompts))], len(preempted)
 
 
+def step_paths(llm):
+    """(whether the engine compiles the language model, steps that ran its compiled graph, steps
+    that ran eagerly) of vtw in the in-process engine (see vtw.vllm._runner)."""
+    from . import _runner
+
+    st = _runner.state_of(llm.llm_engine.model_executor.driver_worker.worker.model_runner)
+    return st.compiles, st.compiled_steps, st.eager_steps
+
+
 def free_blocks(llm):
     """(free KV blocks, usable KV blocks) of the engine's scheduler (in-process engine core)."""
     pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool

@@ -172,7 +172,9 @@ def _wire(vllm_config, model) -> None:
     if not issubclass(base, DefaultModelState):
         raise RuntimeError(f"vtw.vllm: Model Runner V2 would run this model with {base.__name__}; vtw wires into "
                            "DefaultModelState only; drop vtw_layer to run it as stock vLLM")
-    st = _runner.install_model(model, s, NAME)
+    cc = vllm_config.compilation_config
+    max_tokens = max([vllm_config.scheduler_config.max_num_batched_tokens, *(cc.cudagraph_capture_sizes or [])])
+    st = _runner.install_model(model, s, NAME, max_tokens=max_tokens)
     if st is not None:
         cls = _state_class(base)
         model.get_model_state_cls = lambda: cls
