@@ -4,7 +4,8 @@ vLLM 0.32 picks its runner per process (MRv2 on every GPU, V1 on CPU), so this m
 selection of the other vLLM test modules again, in a pytest subprocess with
 VLLM_USE_V2_MODEL_RUNNER=1: the same workloads (continuous batching, 32-token prefill chunks that
 split every image and leave chunks without text, an abort, preemption and recompute, text-only
-requests) against the same cache-free references, and the wiring checks (test_vllm_wiring, and
+requests; engines compiled as vLLM compiles by default, except where a module re-wires one engine
+per K) against the same cache-free references, and the wiring checks (test_vllm_wiring, and
 test_vllm_llava's check that the runner in use is MRv2's with vtw's ModelState). Selected so
 that the vLLM CI set stays short (Triton's interpreter runs MRv2's kernels: 2-3x V1's time):
 LLaVA-1.5 shared for K = 0, 1, L/2, L-1, L; text_only K = 1 and 2; Qwen2-VL (M-RoPE) both
