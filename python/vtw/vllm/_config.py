@@ -18,6 +18,11 @@ FAMILIES = {
     "LlavaNextForConditionalGeneration": "LLaVA-NeXT",
     "Qwen2VLForConditionalGeneration": "Qwen2-VL",
     "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL",
+    # DeepStack (vision features added to the visual positions after the first decoder layers) needs
+    # nothing of vtw: with K inside those layers, the additions after layer K's loop index land
+    # after the deep layers, on the withdrawn rows only (zero at text positions)
+    "Qwen3VLForConditionalGeneration": "Qwen3-VL",
+    "Qwen3VLMoeForConditionalGeneration": "Qwen3-VL-MoE",
 }
 _TOKEN_ID_NAMES = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 
@@ -121,6 +126,12 @@ def verify(vllm_config) -> Settings | None:
                            "tensor parallelism (tensor_parallel_size) or drop vtw_layer")
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise SettingError("vtw.vllm: speculative decoding is not supported with vtw_layer")
+    mm = getattr(mc, "multimodal_config", None)
+    pruning = getattr(mm, "is_multimodal_pruning_enabled", None)
+    if callable(pruning) and pruning():
+        # pruned video tokens change the prompt and Qwen3-VL's positions layout (4 rows per stream)
+        raise SettingError("vtw.vllm: video token pruning (video_pruning_rate > 0) is not supported with "
+                           "vtw_layer; drop video_pruning_rate or vtw_layer")
     if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
         logger.info("vtw.vllm: prefix caching stays on; hits stop at a request's first visual token (a shared "
                     "text prefix is reused, an image and what follows it is recomputed)")

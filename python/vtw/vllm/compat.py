@@ -62,6 +62,13 @@ API: tuple = (
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model", ("self",), V032),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.load_model", ("self",), V032),
     ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner.load_model", ("self",), V032),
+    # Qwen3-VL / Qwen3-VL-MoE (_config.FAMILIES): the language model adds DeepStack buffer i to the
+    # hidden states after the layer of loop index i, for the whole batch (what makes K inside the
+    # DeepStack layers exact: see tests/test_vllm_qwen3vl.py); checked where the engines run
+    ("vllm.model_executor.models.qwen3_vl", "Qwen3LLMModel.forward",
+     ("self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds", "deepstack_input_embeds"), V032),
+    ("vllm.model_executor.models.qwen3_vl_moe", "Qwen3MoeLLMModel.forward",
+     ("self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds", "deepstack_input_embeds"), V032),
     # text-only KV groups (_text_only)
     ("vllm.utils.math_utils", "cdiv", ("a", "b"), ALL),
     ("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry.register",

@@ -305,3 +305,81 @@ def next_image(seed: int):
     rng = np.random.default_rng(seed)
     h, w = [(96, 48), (48, 96), (96, 96), (60, 50)][seed % 4]
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+# Tiny Qwen3-VL / Qwen3-VL-MoE: Qwen's vision tokens on the embedded vocabulary, interleaved M-RoPE
+# (sections 4, 6, 6 of a 32-wide head), a two-block vision tower in 16-pixel patches merged 2 x 2
+# whose blocks 0 and 1 feed DeepStack (added after decoder layers 0 and 1); pictures of 64..128
+# pixels: 4..16 image tokens.
+QWEN3_DEEPSTACK = 2  # decoder layers followed by a DeepStack injection (len(deepstack_visual_indexes))
+
+
+def build_qwen3_vl(folder, seed: int = 0, layers: int = 4, moe: bool = False) -> Path:
+    """Writes a random tiny Qwen3-VL (``moe=True``: Qwen3-VL-MoE, 4 experts of which 2 per token,
+    in every layer) in float32, with its tokenizer and processor, to `folder`."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                              Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from vtw.embedded import build
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = dict(build.vocabulary())
+    for t in QWEN_VISION:
+        vocab[t] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.add_special_tokens({"additional_special_tokens": QWEN_VISION})
+    text = dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+                initializer_range=0.3, bos_token_id=build.BOS_ID, eos_token_id=build.EOS_ID,
+                pad_token_id=build.PAD_ID, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6],
+                                 "mrope_interleaved": True})
+    if moe:
+        config_cls, model_cls = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1,
+                    norm_topk_prob=True)
+    else:
+        config_cls, model_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    vision = dict(depth=QWEN3_DEEPSTACK, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                  num_position_embeddings=64, deepstack_visual_indexes=list(range(QWEN3_DEEPSTACK)))
+    cfg = config_cls(text_config=text, vision_config=vision,
+                     image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+                     vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+                     tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():  # DeepStack features on the scale of the hidden states (~100 after layer 0 here)
+        for m in model.model.visual.deepstack_merger_list:
+            m.linear_fc2.weight.mul_(100.0)
+            m.linear_fc2.bias.mul_(100.0)
+    model.save_pretrained(folder)
+    size = {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}
+    ip = Qwen2VLImageProcessorPil(size=size, patch_size=16, merge_size=2, temporal_patch_size=2,
+                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    vp = Qwen3VLVideoProcessor(size=size, patch_size=16, merge_size=2, temporal_patch_size=2,
+                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    proc = Qwen3VLProcessor(image_processor=ip, tokenizer=fast, video_processor=vp,
+                            chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    proc.save_pretrained(folder)
+    _never_stop_on_eos(folder)
+    return folder
+
+
+def qwen3_image(seed: int):
+    """Pictures of different sizes in multiples of 32 pixels (16-pixel patches merged 2 x 2):
+    different M-RoPE grids, 4..16 image tokens."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = [(128, 128), (64, 128), (128, 96), (96, 64), (64, 64)][seed % 5]
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
