@@ -78,6 +78,9 @@ class _State:
         self.eager_steps = 0
         self.compiles = False  # the engine compiles the language model (vLLM's compilation on)
         self.traced = False  # a real step of > 1 token has run the compiled graph
+        # Qwen3-VL's DeepStack with K inside its layers: the model holding the per-level buffers
+        # (see install_model); None otherwise
+        self.deepstack = None
 
 
 def language_layers(model):
@@ -136,6 +139,15 @@ def install_model(model, s: _config.Settings, runner_name: str, *, max_tokens: i
     if max_tokens is not None:
         device = next(iter(model.parameters())).device
         st.withdrawn_buf = torch.zeros(int(max_tokens), dtype=torch.bool, device=device)
+    # Qwen3-VL's DeepStack: vLLM's language model adds buffer i (the vision features at visual
+    # positions, zero elsewhere) to the hidden states after loop index i. With K inside those
+    # layers, the additions i >= K come after layer K's call, which has run the deep layers: + 0 on
+    # the kept (text) rows, but the withdrawn rows would leave with the early-exit value plus those
+    # features, and a prompt that ends on a visual token samples from that row. The withdrawn
+    # model skips DeepStack from K on: the levels >= K are zeroed before the forward.
+    bufs = getattr(model, "deepstack_input_embeds", None)
+    if isinstance(bufs, list) and s.layer < len(bufs):
+        st.deepstack = model
     if s.kv == "text_only":
         _text_only_specs(layers, deep, s.token_ids)
     for i in deep:
@@ -341,9 +353,22 @@ def _model_forward(st: _State, orig, *args, **kwargs):
                 st.compiled_steps += 1
             else:
                 st.eager_steps += 1
+            if st.deepstack is not None:
+                _skip_deepstack(st)
     if step is None and st.withdrawn_buf is not None:
         st.withdrawn_buf.zero_()  # a dummy run withdraws nothing
     return orig(*args, **kwargs)
+
+
+def _skip_deepstack(st: _State) -> None:
+    """Zeroes the DeepStack levels >= K of this step (filled by the model's embed_input_ids, which
+    the runner calls before the forward; the model clears them after it)."""
+    m = st.deepstack
+    n = getattr(m, "deepstack_input_embeds_num_tokens", None)
+    if n == 0:  # no picture in this step: the buffers are zero
+        return
+    for b in m.deepstack_input_embeds[st.settings.layer:]:
+        (b[:n] if n else b).zero_()
 
 
 def _pass_through(st: _State, positions, hidden_states, residual, *args, **kwargs):

@@ -63,12 +63,18 @@ API: tuple = (
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.load_model", ("self",), V032),
     ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner.load_model", ("self",), V032),
     # Qwen3-VL / Qwen3-VL-MoE (_config.FAMILIES): the language model adds DeepStack buffer i to the
-    # hidden states after the layer of loop index i, for the whole batch (what makes K inside the
-    # DeepStack layers exact: see tests/test_vllm_qwen3vl.py); checked where the engines run
+    # hidden states after the layer of loop index i, for the whole batch; the outer model keeps the
+    # per-level buffers (instance attributes deepstack_input_embeds, deepstack_input_embeds_num_tokens,
+    # which _runner._skip_deepstack zeroes from level K on), filled by embed_input_ids and cleared after
+    # the forward by these methods. Checked where the engines run (tests/test_vllm_qwen3vl.py)
     ("vllm.model_executor.models.qwen3_vl", "Qwen3LLMModel.forward",
      ("self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds", "deepstack_input_embeds"), V032),
     ("vllm.model_executor.models.qwen3_vl_moe", "Qwen3MoeLLMModel.forward",
      ("self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds", "deepstack_input_embeds"), V032),
+    ("vllm.model_executor.models.qwen3_vl", "Qwen3VLForConditionalGeneration._set_deepstack_input_embeds",
+     ("self", "deepstack_input_embeds"), V032),
+    ("vllm.model_executor.models.qwen3_vl", "Qwen3VLForConditionalGeneration._clear_deepstack_input_embeds",
+     ("self", "num_tokens"), V032),
     # text-only KV groups (_text_only)
     ("vllm.utils.math_utils", "cdiv", ("a", "b"), ALL),
     ("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry.register",
