@@ -344,7 +344,9 @@ def build_qwen3_vl(folder, seed: int = 0, layers: int = 4, moe: bool = False) ->
                                  "mrope_interleaved": True})
     if moe:
         config_cls, model_cls = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
-        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1,
+        # expert width 96: neither expert tensor is square, so transformers' load-time check can
+        # tell the released layout from its own (see _qwen3_vl_moe_released_layout)
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, decoder_sparse_step=1,
                     norm_topk_prob=True)
     else:
         config_cls, model_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -362,6 +364,8 @@ def build_qwen3_vl(folder, seed: int = 0, layers: int = 4, moe: bool = False) ->
             m.linear_fc2.weight.mul_(100.0)
             m.linear_fc2.bias.mul_(100.0)
     model.save_pretrained(folder)
+    if moe:
+        _qwen3_vl_moe_released_layout(folder)
     size = {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}
     ip = Qwen2VLImageProcessorPil(size=size, patch_size=16, merge_size=2, temporal_patch_size=2,
                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
@@ -372,6 +376,21 @@ def build_qwen3_vl(folder, seed: int = 0, layers: int = 4, moe: bool = False) ->
     proc.save_pretrained(folder)
     _never_stop_on_eos(folder)
     return folder
+
+
+def _qwen3_vl_moe_released_layout(folder: Path) -> None:
+    """The expert tensors in the layout of the released Qwen3-VL-MoE checkpoints, which vLLM's
+    loader expects (gate_up_proj [E, hidden, 2 x width], down_proj [E, width, hidden]);
+    transformers 5.19 saves its own (transposed) and transposes back on load when the shapes
+    differ from its parameters."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    for k, v in tensors.items():
+        if k.endswith("mlp.experts.gate_up_proj") or k.endswith("mlp.experts.down_proj"):
+            tensors[k] = v.transpose(1, 2).contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def qwen3_image(seed: int):
