@@ -18,9 +18,8 @@ FAMILIES = {
     "LlavaNextForConditionalGeneration": "LLaVA-NeXT",
     "Qwen2VLForConditionalGeneration": "Qwen2-VL",
     "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL",
-    # DeepStack (vision features added to the visual positions after the first decoder layers) needs
-    # nothing of vtw: with K inside those layers, the additions after layer K's loop index land
-    # after the deep layers, on the withdrawn rows only (zero at text positions)
+    # DeepStack (vision features added to the visual positions after the first decoder layers): the
+    # levels >= K are zeroed for the step (vtw.vllm._runner._skip_deepstack)
     "Qwen3VLForConditionalGeneration": "Qwen3-VL",
     "Qwen3VLMoeForConditionalGeneration": "Qwen3-VL-MoE",
 }
