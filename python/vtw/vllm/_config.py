@@ -22,6 +22,8 @@ FAMILIES = {
     # levels >= K are zeroed for the step (vtw.vllm._runner._skip_deepstack)
     "Qwen3VLForConditionalGeneration": "Qwen3-VL",
     "Qwen3VLMoeForConditionalGeneration": "Qwen3-VL-MoE",
+    # sliding-window layers from K on only where the window cannot bind (check_window)
+    "Gemma3ForConditionalGeneration": "Gemma 3",
 }
 _TOKEN_ID_NAMES = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 
@@ -90,11 +92,37 @@ def settings(model_config) -> Settings | None:
     kv = DEFAULT_KV if kv is None else kv
     if kv not in KV_MODES:
         raise SettingError(f"vtw.vllm: vtw_kv must be one of {', '.join(map(repr, KV_MODES))}, got {kv!r}")
+    check_window(model_config, layer)
     token_ids = visual_token_ids(hf)
     if not token_ids:
         raise SettingError(f"vtw.vllm: the {arch} config has no image/video token id "
                            f"({', '.join(_TOKEN_ID_NAMES)}); vtw cannot tell the visual tokens")
     return Settings(layer, num_layers, kv, token_ids, FAMILIES[arch])
+
+
+def check_window(model_config, layer: int) -> None:
+    """Refuses sliding-window decoder layers from `layer` on (Gemma 3's ``layer_types``) whose
+    window can bind. vtw's definition slides the window over ORIGINAL positions (a text token at
+    position p sees the text tokens at (p - W, p]); the deep layers here attend over a request's
+    text tokens compacted by text rank, so a vLLM window there would count text ranks. Once
+    max_model_len <= W no window binds (p - k < max_model_len <= W), over positions or ranks:
+    the same model. (vLLM's ``disable_sliding_window`` drops the window and caps max_model_len
+    at it: accepted as well.)"""
+    text = model_config.hf_text_config
+    window = _get(text, "sliding_window")
+    types = _get(text, "layer_types")
+    if window is None or not types:
+        return
+    deep = [i for i in range(layer, len(types)) if types[i] == "sliding_attention"]
+    max_len = int(model_config.max_model_len)
+    if not deep or int(window) >= max_len:
+        return
+    after = deep[-1] + 1
+    other = (f"vtw_layer >= {after} (after the last sliding layer)" if after < len(types)
+             else f"vtw_layer = {len(types)} (no withdrawal: layer {deep[-1]} slides)")
+    raise SettingError(f"vtw.vllm: decoder layers {', '.join(map(str, deep))} (>= vtw_layer={layer}) slide a window of "
+                       f"sliding_window={window} tokens, shorter than max_model_len={max_len}, and vtw would slide it "
+                       f"over text tokens instead of positions; pass max_model_len <= {window}, or {other}")
 
 
 def _has_static_graphs() -> bool:

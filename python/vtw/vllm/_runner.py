@@ -180,6 +180,7 @@ def set_layer(runner, layer: int) -> None:
     if s.kv == "text_only":
         raise RuntimeError("vtw.vllm.set_layer: with text_only the KV cache groups are laid out for the "
                            "engine's vtw_layer; start an engine per K")
+    _config.check_window(runner.model_config, layer)  # sliding-window layers from `layer` on
     if _compiles(runner.get_model() if hasattr(runner, "get_model") else runner.model):
         raise RuntimeError("vtw.vllm.set_layer: this engine compiles the language model, and the compiled graph "
                            "holds the layer wiring it was traced with; start an engine per K, or one with "
@@ -197,8 +198,9 @@ def set_layer(runner, layer: int) -> None:
 
 
 def _text_only_specs(layers, deep, token_ids) -> None:
-    """The deep attention layers report a TextOnlyAttentionSpec (their own KV cache groups)."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    """The deep attention layers report a TextOnlyAttentionSpec (their own KV cache groups);
+    full attention only, or a sliding window that cannot bind (max_model_len <= window)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
     from ._text_only import TextOnlyAttentionSpec
 
@@ -210,7 +212,11 @@ def _text_only_specs(layers, deep, token_ids) -> None:
 
         def spec(vllm_config, _orig=orig, _i=i):
             base = _orig(vllm_config)
-            if base is None or type(base) is not FullAttentionSpec or base.sliding_window is not None:
+            # a sliding window that cannot bind (max_model_len <= window, _config.check_window)
+            # is full attention: the same text-only group
+            unbound = (type(base) is SlidingWindowSpec
+                       and base.sliding_window >= int(vllm_config.model_config.max_model_len))
+            if base is None or not unbound and (type(base) is not FullAttentionSpec or base.sliding_window is not None):
                 raise RuntimeError(f"vtw.vllm: decoder layer {_i} has KV spec {type(base).__name__} "
                                    f"(sliding window: {getattr(base, 'sliding_window', None)}); text_only needs "
                                    'plain full attention from vtw_layer on (or pass "vtw_kv": "shared")')

@@ -35,6 +35,8 @@ API: tuple = (
       "num_actual_tokens", "max_query_len", "max_seq_len", "block_table_tensor", "slot_mapping", "causal",
       "is_prefilling"}, ALL),
     ("vllm.v1.kv_cache_interface", "FullAttentionSpec", None, ALL),
+    # a deep sliding-window layer whose window cannot bind joins text_only (_runner._text_only_specs)
+    ("vllm.v1.kv_cache_interface", "SlidingWindowSpec", {"sliding_window", "block_size"}, ALL),
     ("vllm.v1.kv_cache_interface", "AttentionSpec", {"block_size", "num_kv_heads", "head_size", "dtype"}, ALL),
     ("vllm.v1.worker.utils", "AttentionGroup.build_metadata", ("self", "common_attn_metadata", "ubatch_idx"), ALL),
     ("vllm.v1.worker.utils", "AttentionGroup.layer_names", None, ALL),

@@ -402,3 +402,84 @@ def qwen3_image(seed: int):
     rng = np.random.default_rng(seed)
     h, w = [(128, 128), (64, 128), (128, 96), (96, 64), (64, 64)][seed % 5]
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+# Tiny Gemma 3: the embedded vocabulary plus Gemma's image tokens (and the newline tokens vLLM's
+# Gemma 3 processor looks up), 6 decoder layers in Gemma 3's pattern (5 sliding-window layers,
+# then a full-attention one; their rotary bases differ), a one-block SigLIP tower: 32 x 32
+# pictures in 4 x 4 patches, pooled 2 x 2 into 16 image tokens between <start_of_image> and
+# <end_of_image> (text tokens).
+GEMMA_IMAGE_TOKENS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+GEMMA_NEWLINES = ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]
+GEMMA_IMAGE = "<start_of_image>"
+
+
+def build_gemma3(folder, seed: int = 0, layers: int = 6, sliding_window: int = 128) -> Path:
+    """Writes a random tiny Gemma 3 (``Gemma3ForConditionalGeneration``) in float32, with its
+    tokenizer and processor, to `folder`. Layer i slides (window `sliding_window`, rotary base
+    10 000) unless i % 6 == 5 (full attention, rotary base 1 000 000), as in Gemma 3."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, PreTrainedTokenizerFast
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from vtw.embedded import build
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = dict(build.vocabulary())
+    for t in GEMMA_IMAGE_TOKENS + GEMMA_NEWLINES:
+        vocab[t] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", build.BOS_ID)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>",
+                                   extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                                         "image_token": "<image_soft_token>"})
+    fast.add_special_tokens({"additional_special_tokens": GEMMA_IMAGE_TOKENS})
+    types = ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(layers)]
+    text = dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
+                max_position_embeddings=4096, initializer_range=0.3, bos_token_id=build.BOS_ID,
+                eos_token_id=build.EOS_ID, pad_token_id=build.PAD_ID, sliding_window=sliding_window,
+                layer_types=types, tie_word_embeddings=False,
+                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                 "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=4, vision_use_head=False)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
+                       boi_token_index=vocab["<start_of_image>"], eoi_token_index=vocab["<end_of_image>"],
+                       image_token_index=vocab["<image_soft_token>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # HF initialises the projection to zero: pictures would not matter
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
+    _save_llava_hf_layout(model, folder)  # vision_tower.vision_model.* (vLLM's SigLIP names), as llava-hf
+    ip = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, resample=3, image_mean=[0.5] * 3,
+                                 image_std=[0.5] * 3, do_pan_and_scan=False)
+    proc = Gemma3Processor(image_processor=ip, tokenizer=fast, image_seq_length=16,
+                           chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    proc.save_pretrained(folder)
+    _never_stop_on_eos(folder)
+    return folder
+
+
+GEMMA_PROMPTS = [  # (text, image seed or None); 16 image tokens + <start/end_of_image> per picture
+    ("describe the shapes and colors " + GEMMA_IMAGE + " " + " ".join(["where is the red shape"] * 3), 0),
+    (GEMMA_IMAGE + " what shape is in the picture", 1),
+    ("what color is the square", None),
+    ("is there " + GEMMA_IMAGE + " a circle", 2),
+    ("how many shapes", None),
+    (GEMMA_IMAGE + " yes", 3),
+]
+
+
+def gemma_image(seed: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = [(32, 32), (40, 24), (24, 48), (32, 32)][seed % 4]
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
