@@ -66,7 +66,7 @@ def _embeds(model, inputs):
         got["e"] = kwargs["inputs_embeds"]
         raise _Stop
 
-    h = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    h = model.model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
     try:
         model(**inputs)
     except _Stop:
@@ -85,7 +85,7 @@ def _withdrawn_logits(model, embeds, ids, layer):
     """A cache-free forward of the withdrawn model (the paper's algorithm, written out on the HF
     modules): layers < K on every token, layers >= K on the text tokens only (original
     positions); the last position's logits (the early-exit value if it is visual)."""
-    lm = model.model.language_model
+    lm = model.model.get_decoder()  # language_model (LLaVA, Mistral 3), text_model (Idefics3, SmolVLM)
     S = embeds.shape[1]
     pos = torch.arange(S)[None]
     h = embeds
@@ -117,7 +117,7 @@ def _reference(hf, layer, prompts=PROMPTS, new_tokens=NEW, image=_image):
             toks.append(t)
             ids = torch.cat([ids, torch.tensor([[t]])], 1)
             with torch.no_grad():
-                embeds = torch.cat([embeds, model.model.language_model.embed_tokens(torch.tensor([[t]]))], 1)
+                embeds = torch.cat([embeds, model.model.get_decoder().embed_tokens(torch.tensor([[t]]))], 1)
         out.append((inputs["input_ids"][0].tolist(), toks))
     return out
 

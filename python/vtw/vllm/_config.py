@@ -24,6 +24,11 @@ FAMILIES = {
     "Qwen3VLMoeForConditionalGeneration": "Qwen3-VL-MoE",
     # sliding-window layers from K on only where the window cannot bind (check_window)
     "Gemma3ForConditionalGeneration": "Gemma 3",
+    # Pixtral vision: [IMG_BREAK] / [IMG_END] are text, only the image_token_index positions are visual
+    "Mistral3ForConditionalGeneration": "Mistral 3",
+    # <fake_token_around_image>, <row_i_col_j>, <global-img> are text, only image_token_id is visual
+    "Idefics3ForConditionalGeneration": "Idefics3",
+    "SmolVLMForConditionalGeneration": "SmolVLM",
 }
 _TOKEN_ID_NAMES = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 

@@ -483,3 +483,157 @@ def gemma_image(seed: int):
     rng = np.random.default_rng(seed)
     h, w = [(32, 32), (40, 24), (24, 48), (32, 32)][seed % 4]
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _word_tokenizer(extra, special):
+    """The embedded word-level tokenizer (``<s>`` prepended) with `extra` words appended to its
+    vocabulary, `special` of them added as special tokens (matched before the split into words;
+    a newline among them stays a token of its own)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from vtw.embedded import build
+
+    vocab = dict(build.vocabulary())
+    for t in extra:
+        vocab.setdefault(t, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", build.BOS_ID)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.add_special_tokens({"additional_special_tokens": [AddedToken(t, normalized=False, special=True)
+                                                           for t in special]})
+    return fast, vocab
+
+
+def _text_config(vocab_size: int, layers: int) -> dict:
+    """The language model of every tiny family here: hidden 64, 2 heads of 32, MLP 128."""
+    from vtw.embedded import build
+
+    return dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+                initializer_range=0.3, rms_norm_eps=1e-5, bos_token_id=build.BOS_ID, eos_token_id=build.EOS_ID,
+                pad_token_id=build.PAD_ID, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+# Tiny Mistral 3 (Mistral Small 3.1's layout: a Pixtral vision tower, a patch merger, a Mistral
+# language model): 8-pixel merged patches (4-pixel patches merged 2 x 2), pictures of at most 48
+# pixels: up to 6 x 6 image tokens, each row followed by [IMG_BREAK] ([IMG_END] after the last),
+# which are text tokens.
+MISTRAL3_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+MISTRAL3_IMAGE = "[IMG]"
+
+
+def build_mistral3(folder, seed: int = 0, layers: int = 4) -> Path:
+    """Writes a random tiny Mistral3ForConditionalGeneration (float32) with its Pixtral processor
+    to `folder`."""
+    import torch
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralProcessor
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # a few words between the embedded vocabulary and the image tokens: the image token id is
+    # nothing like the embedded model's (vtw must read it from the config)
+    fast, vocab = _word_tokenizer(["red_", "green_", "blue_"] + MISTRAL3_TOKENS, MISTRAL3_TOKENS)
+    text = dict(_text_config(len(vocab), layers), model_type="mistral", sliding_window=None)
+    vision = dict(model_type="pixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=2, head_dim=32, patch_size=4, image_size=48, num_channels=3,
+                  hidden_act="silu", rope_theta=10000.0)
+    cfg = Mistral3Config(text_config=text, vision_config=vision, image_token_index=vocab["[IMG]"],
+                         spatial_merge_size=2, projector_hidden_act="gelu", vision_feature_layer=-1,
+                         multimodal_projector_bias=False, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # a visible image signal
+        for p in model.model.multi_modal_projector.parameters():
+            p.mul_(3.0)
+    model.save_pretrained(folder)
+    ip = PixtralImageProcessorPil(size={"longest_edge": 48}, patch_size={"height": 4, "width": 4},
+                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    proc = PixtralProcessor(image_processor=ip, tokenizer=fast, patch_size=4, spatial_merge_size=2,
+                            image_token="[IMG]", image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
+    proc.save_pretrained(folder)
+    _never_stop_on_eos(folder)
+    return folder
+
+
+def mistral3_image(seed: int):
+    """Pictures of several shapes (multiples of the 8-pixel merged patch, at most 48 pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = [(48, 48), (24, 48), (48, 32), (32, 16), (16, 16)][seed % 5]
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+# Tiny Idefics3 / SmolVLM: a SigLIP-style vision tower on 32 x 32 tiles of 4-pixel patches, pixel
+# shuffle by 2: 16 image tokens per tile; pictures resized to a 64-pixel longest edge and split
+# into up to 2 x 2 tiles plus the global picture (48 or 80 image tokens). <fake_token_around_image>,
+# <row_i_col_j>, <global-img> and the newlines around them are text tokens.
+IDEFICS3_TOKENS = (["<fake_token_around_image>", "<end_of_utterance>", "<global-img>", "\n"]
+                   + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
+IDEFICS3_IMAGE = "<image>"
+
+
+def build_idefics3(folder, seed: int = 0, layers: int = 4, family: str = "idefics3") -> Path:
+    """Writes a random tiny Idefics3 (``family="idefics3"``) or SmolVLM (``"smolvlm"``) in float32,
+    with its processor, to `folder`."""
+    import torch
+
+    from vtw.embedded import build
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    special = IDEFICS3_TOKENS + ["<image>"]
+    if family == "smolvlm":
+        special = special + ["<video>"]
+    fast, vocab = _word_tokenizer(["yellow_"] + special, special)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=4, num_channels=3)
+    kw = dict(text_config=dict(_text_config(len(vocab), layers), model_type="llama"),
+              scale_factor=2, image_token_id=vocab["<image>"], pad_token_id=build.PAD_ID, tie_word_embeddings=False)
+    ip_kw = dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True,
+                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    if family == "idefics3":
+        from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+        cfg = Idefics3Config(vision_config=dict(vision, model_type="idefics3_vision"), **kw)
+        model_cls = Idefics3ForConditionalGeneration
+        proc_fn = lambda: Idefics3Processor(image_processor=Idefics3ImageProcessorPil(**ip_kw), tokenizer=fast,  # noqa: E731
+                                            image_seq_len=16)
+    elif family == "smolvlm":
+        from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMProcessor
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+        from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+        cfg = SmolVLMConfig(vision_config=dict(vision, model_type="smolvlm_vision"), **kw)
+        model_cls = SmolVLMForConditionalGeneration
+        proc_fn = lambda: SmolVLMProcessor(image_processor=SmolVLMImageProcessorPil(**ip_kw), tokenizer=fast,  # noqa: E731
+                                           video_processor=SmolVLMVideoProcessor(), image_seq_len=16)
+    else:
+        raise ValueError(f"family must be idefics3 or smolvlm, got {family!r}")
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():  # a visible image signal
+        for p in model.model.connector.parameters():
+            p.mul_(3.0)
+    model.save_pretrained(folder)
+    proc_fn().save_pretrained(folder)
+    _never_stop_on_eos(folder)
+    return folder
+
+
+def idefics3_image(seed: int):
+    """Pictures of several shapes: 2 x 2, 1 x 2 and 2 x 1 tiles (plus the global picture)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = [(64, 64), (32, 64), (64, 32), (40, 60)][seed % 4]
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))

@@ -1,0 +1,136 @@
+"""vtw.vllm on a tiny Mistral 3 (Mistral3ForConditionalGeneration: a Pixtral vision tower, a patch
+merger, a Mistral language model; random weights, built locally): the engine's greedy tokens
+equal those of the withdrawn model recomputed cache-free on the Hugging Face modules at every step
+(test_vllm_llava's reference), in a continuously batched workload with preemption, 16-token
+prefill chunks that split the pictures, an abort and text-only requests, for K = 0, 1, L/2, L-1
+and L (one eager engine, vtw_kv="shared", re-wired per K) and in a second engine with
+vtw_kv="text_only" and vLLM's compilation on; every KV block is free afterwards.
+
+Only the [IMG] positions are visual: a picture's rows end in [IMG_BREAK] and the last in
+[IMG_END], text tokens that the deep layers keep (checked against the reference, which keeps every
+token but the config's image token id)."""
+
+import os
+
+import pytest
+
+import _vllm  # noqa: E402,F401  (skips without vLLM; the engine environment)
+
+import torch  # noqa: E402
+
+from test_vllm_llava import _reference as _llava_reference  # noqa: E402
+from vtw.vllm import _runner, tiny  # noqa: E402
+
+LAYERS = 4
+NEW = 24
+IMG = tiny.MISTRAL3_IMAGE
+PROMPTS = [
+    (IMG + " " + " ".join(["describe the shapes and colors"] * 2), 0),  # 6 x 6 image tokens
+    (IMG + " what shape is in the picture", 1),
+    ("what color is the square", None),
+    ("is there " + IMG + " a circle", 2),  # text on both sides of the picture
+    ("how many shapes", None),
+    (IMG + " yes", 3),
+]
+ABORTED = (IMG + " this one is aborted", 4)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny.build_mistral3(tmp_path_factory.mktemp("tiny_mistral3"), layers=LAYERS)
+
+
+@pytest.fixture(scope="module")
+def hf(folder):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32,
+                                                        attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None
+    return model, AutoProcessor.from_pretrained(folder)
+
+
+def _reference(hf, layer):
+    return _llava_reference(hf, layer, PROMPTS, NEW, image=tiny.mistral3_image)
+
+
+def _engine(folder, kv, layer, blocks, eager, max_model_len=128):
+    from vllm import LLM
+
+    # blocks of 32 tokens; prefill chunks of 16 tokens split every picture (8..36 image tokens)
+    return LLM(str(folder), dtype="float32", distributed_executor_backend="uni", max_model_len=max_model_len,
+               max_num_batched_tokens=16, max_num_seqs=4, seed=0, block_size=32, num_gpu_blocks_override=blocks,
+               limit_mm_per_prompt={"image": 1}, enforce_eager=eager,
+               hf_overrides={"vtw_layer": layer, "vtw_kv": kv})
+
+
+@pytest.fixture(scope="module")
+def llm(folder):
+    # 4 usable blocks (a 128-token request needs 4): requests get preempted; re-wired to each K
+    # between workloads (set_layer), which needs an eager engine
+    engine = _engine(folder, "shared", LAYERS // 2, blocks=5, eager=True)
+    yield engine
+    del engine
+
+
+def _runner_of(llm):
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+
+
+def _check(llm, hf, layer):
+    got, preempted = tiny.run_workload(llm, NEW, PROMPTS, image=tiny.mistral3_image, aborted=ABORTED)
+    for (gp, gt), (wp, wt), (text, _) in zip(got, _reference(hf, layer), PROMPTS):
+        assert gp == wp, f"prompt ids differ for {text!r}"
+        assert gt == wt, f"K={layer}, {text!r}: vLLM {gt} != reference {wt}"
+    assert preempted > 0, "the workload was meant to preempt a request"
+    free, total = tiny.free_blocks(llm)
+    assert free == total, f"{total - free} KV blocks still held after the workload"
+    return got
+
+
+def test_visual_tokens_from_the_config(llm, hf):
+    """vtw withdraws the config's image token id ([IMG]) only, in the runner this process asked for."""
+    model, proc = hf
+    st = _runner.state_of(_runner_of(llm))
+    img = model.config.image_token_index
+    assert img == proc.tokenizer.convert_tokens_to_ids("[IMG]") and img != 4  # not the embedded model's id
+    assert tuple(st.visual) == (img,), st.visual
+    mrv2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1"
+    assert ("Model Runner V2" in st.runner_name) == mrv2, st.runner_name
+
+
+@pytest.mark.parametrize("layer", [LAYERS // 2, 0, 1, LAYERS - 1, LAYERS])
+def test_tokens_equal_withdrawn_model(llm, hf, layer):
+    _runner.set_layer(_runner_of(llm), layer)
+    try:
+        got = _check(llm, hf, layer)
+        st = _runner.state_of(_runner_of(llm))
+    finally:
+        _runner.set_layer(_runner_of(llm), LAYERS // 2)
+    if layer < LAYERS:  # the deep layers ran on the text tokens, [IMG_BREAK] / [IMG_END] included
+        img = hf[0].config.image_token_index
+        assert st.deep_tokens_total >= sum(sum(1 for i in p if i != img) for p, _ in got)
+    else:
+        assert st is None  # K = L: the layers run stock
+
+
+def test_withdrawal_changes_image_requests(hf):
+    """The comparisons are not vacuous: withdrawal at K = 1 changes some image request's tokens."""
+    full, withdrawn = _reference(hf, LAYERS), _reference(hf, 1)
+    assert any(a[1] != b[1] for a, b, (_, s) in zip(full, withdrawn, PROMPTS) if s is not None)
+    img = hf[0].config.image_token_index
+    assert all(a[1] == b[1] for a, b, (_, s) in zip(full, withdrawn, PROMPTS) if s is None and img not in a[1])
+
+
+def test_text_only_tokens_equal_withdrawn_model(folder, hf):
+    """A second engine: vtw_kv="text_only" at K = 1 (the deep layers in KV groups of their own),
+    vLLM's compilation on (its default): steps with every token kept ran the compiled graph."""
+    # K = 1: four groups of one layer; a request of max_model_len (96: 3 blocks) must fit in each,
+    # and the pool is no larger, so requests get preempted
+    engine = _engine(folder, "text_only", 1, blocks=4 * 3 + 1, eager=False, max_model_len=96)
+    try:
+        _check(engine, hf, 1)
+        compiles, compiled, eager = tiny.step_paths(engine)
+        assert compiles and compiled > 0 and eager > 0, (compiles, compiled, eager)
+    finally:
+        del engine
