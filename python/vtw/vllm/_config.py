@@ -29,7 +29,15 @@ FAMILIES = {
     # <fake_token_around_image>, <row_i_col_j>, <global-img> are text, only image_token_id is visual
     "Idefics3ForConditionalGeneration": "Idefics3",
     "SmolVLMForConditionalGeneration": "SmolVLM",
+    "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision",
+    # InternVL in the HF format (InternVL3-*-hf); vLLM runs it with its InternS1 implementation.
+    # Only <IMG_CONTEXT> (the config's image_token_id) is visual; <img> / </img> are text.
+    "InternVLForConditionalGeneration": "InternVL",
 }
+# Families whose video frames vLLM marks with a token id the config does not name (InternVL: the
+# tokenizer's <video>, which the HF model does not use): vtw could not tell those positions, so
+# video inputs are refused while withdrawal is on.
+_VIDEO_ID_NOT_IN_CONFIG = {"InternVLForConditionalGeneration"}
 _TOKEN_ID_NAMES = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 
 
@@ -69,6 +77,12 @@ def visual_token_ids(hf_config) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _video_limit(model_config) -> int:
+    """Videos a prompt may carry (vLLM's multimodal config; 0 for a text-only model)."""
+    mm = getattr(model_config, "multimodal_config", None)
+    return 0 if mm is None else int(mm.get_limit_per_prompt("video"))
+
+
 def settings(model_config) -> Settings | None:
     """The withdrawal asked for by this model config, validated; None when ``vtw_layer`` is not
     given (stock vLLM). Raises SettingError on a setting vtw cannot honour."""
@@ -102,6 +116,10 @@ def settings(model_config) -> Settings | None:
     if not token_ids:
         raise SettingError(f"vtw.vllm: the {arch} config has no image/video token id "
                            f"({', '.join(_TOKEN_ID_NAMES)}); vtw cannot tell the visual tokens")
+    if arch in _VIDEO_ID_NOT_IN_CONFIG and layer < num_layers and _video_limit(model_config) != 0:
+        raise SettingError(f"vtw.vllm: vLLM marks a {FAMILIES[arch]} video's frames with the tokenizer's <video> id, "
+                           f"which the config does not name, so vtw cannot withdraw them; pass "
+                           'limit_mm_per_prompt={"video": 0} (images only) or drop vtw_layer')
     return Settings(layer, num_layers, kv, token_ids, FAMILIES[arch])
 
 

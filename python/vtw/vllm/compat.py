@@ -19,6 +19,8 @@ V032, V034 = "0.32", "0.34"
 API: tuple = (
     # config hook (_config.install)
     ("vllm.config", "VllmConfig.try_verify_and_update_config", ("self",), ALL),
+    # families whose video frames carry an id the config does not name: videos refused (_config)
+    ("vllm.config.multimodal", "MultiModalConfig.get_limit_per_prompt", ("self", "modality"), ALL),
     # shared withdrawal core (_runner)
     ("vllm.forward_context", "get_forward_context", (), ALL),
     ("vllm.forward_context", "ForwardContext.attn_metadata", None, ALL),

@@ -637,3 +637,142 @@ def idefics3_image(seed: int):
     rng = np.random.default_rng(seed)
     h, w = [(64, 64), (32, 64), (64, 32), (40, 60)][seed % 4]
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _named_tokenizer(extra: list[str], **named):
+    """The embedded vocabulary plus `extra` special tokens (word-level, no BOS added): a fast
+    tokenizer; `named` become its model-specific special tokens (e.g. ``image_token="<image>"``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from vtw.embedded import build
+
+    vocab = dict(build.vocabulary())
+    for t in extra:
+        if t not in vocab:
+            vocab[t] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens=named or None)
+    fast.add_special_tokens({"additional_special_tokens": [t for t in extra if t != "<image>"]})
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    return fast, vocab
+
+
+def _qwen2_text(vocab_size: int, layers: int) -> dict:
+    """A tiny Qwen2 language model (LLaVA-OneVision's and InternVL3's): head size 32, QKV bias."""
+    from vtw.embedded import build
+
+    return dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=vocab_size, hidden_size=64,
+                intermediate_size=128, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                max_position_embeddings=4096, initializer_range=0.3, rms_norm_eps=1e-6, use_sliding_window=False,
+                bos_token_id=build.BOS_ID, eos_token_id=build.EOS_ID, pad_token_id=build.PAD_ID,
+                tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+# Tiny LLaVA-OneVision: SigLIP tiles of 24 x 24 pixels in 6 x 6 patches (16 tokens), AnyRes over
+# 24-pixel grids up to 48 x 48 (base picture, the unpadded tiles, one newline per row: all carry
+# the image token id).
+OV_PINPOINTS = [[24, 48], [48, 24], [48, 48]]
+
+
+def build_llava_onevision(folder, seed: int = 0, layers: int = 4) -> Path:
+    """Writes a random tiny LLaVA-OneVision (Qwen2 language model, SigLIP vision tower, float32)
+    with its tokenizer and processor to `folder`; returns the folder."""
+    import torch
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionProcessor)
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fast, vocab = _named_tokenizer(["<image>", "<video>"], image_token="<image>", video_token="<video>")
+    vision = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=24, patch_size=6, vision_use_head=False)
+    cfg = LlavaOnevisionConfig(text_config=_qwen2_text(len(vocab), layers), vision_config=vision,
+                               image_token_index=vocab["<image>"], video_token_index=vocab["<video>"],
+                               vision_feature_select_strategy="full", vision_feature_layer=-1,
+                               vision_aspect_ratio="anyres_max_9", image_grid_pinpoints=OV_PINPOINTS,
+                               projector_hidden_act="gelu", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # a visible image signal
+        for p in model.model.multi_modal_projector.parameters():
+            p.mul_(3.0)
+        model.model.image_newline.normal_(0, 1.0)
+    _save_llava_hf_layout(model, folder)
+    ip = LlavaOnevisionImageProcessorPil(size={"height": 24, "width": 24}, image_grid_pinpoints=OV_PINPOINTS,
+                                         resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True)
+    proc = LlavaOnevisionProcessor(image_processor=ip, tokenizer=fast, video_processor=LlavaOnevisionVideoProcessor(),
+                                   num_image_tokens=16, vision_feature_select_strategy="full",
+                                   vision_aspect_ratio="anyres_max_9", image_token="<image>", video_token="<video>",
+                                   chat_template=fast.chat_template)
+    proc.save_pretrained(folder)
+    _never_stop_on_eos(folder)
+    return folder
+
+
+def ov_image(seed: int):
+    """Pictures of AnyRes shapes (tall, wide, 2 x 2 tiles unpadded to fewer rows, one tile):
+    36..70 image tokens. (vLLM sizes its encoder cache from a hard-coded 1153 x 944 picture,
+    70 tokens with this tiny config; a square or tall 2 x 2 picture, 72..88, would not fit.)"""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = [(48, 24), (24, 48), (30, 40), (25, 30), (20, 20)][seed % 5]
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+# Tiny InternVL (the HF format, InternVL3-*-hf): InternViT tiles of 32 x 32 pixels in 4 x 4
+# patches, pixel shuffle 0.5: 4 x 4 = 16 tokens per tile; up to 4 tiles plus a thumbnail.
+# <img> and </img> around them are text; only <IMG_CONTEXT> (the config's image_token_id) is visual.
+INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+INTERNVL_IMAGE = "<IMG_CONTEXT>"
+
+
+def build_internvl(folder, seed: int = 0, layers: int = 4) -> Path:
+    """Writes a random tiny InternVL (HF format: Qwen2 language model, InternViT, float32) with its
+    tokenizer and processor to `folder`; returns the folder."""
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fast, vocab = _named_tokenizer(INTERNVL_TOKENS, start_image_token="<img>", end_image_token="</img>",
+                                  context_image_token="<IMG_CONTEXT>", video_token="<video>")
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=[32, 32], patch_size=[4, 4], initializer_range=0.3)
+    cfg = InternVLConfig(text_config=_qwen2_text(len(vocab), layers), vision_config=vision,
+                         image_token_id=vocab["<IMG_CONTEXT>"], image_seq_length=16, downsample_ratio=0.5,
+                         projector_hidden_act="gelu", vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # a visible image signal
+        for p in model.model.multi_modal_projector.parameters():
+            if p.ndim > 1:
+                p.mul_(3.0)
+    model.save_pretrained(folder)
+    ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1,
+                                  max_patches=4, resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    proc = InternVLProcessor(image_processor=ip, tokenizer=fast, video_processor=InternVLVideoProcessor(),
+                             image_seq_length=16, chat_template=fast.chat_template)
+    proc.save_pretrained(folder)
+    _never_stop_on_eos(folder)
+    return folder
+
+
+def internvl_image(seed: int):
+    """Pictures that crop to 1, 2 or 4 tiles (with a thumbnail beyond one)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = [(32, 64), (64, 32), (64, 64), (30, 30), (32, 96)][seed % 5]
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
