@@ -172,7 +172,13 @@ def test_gradient_checkpointing_trains_exactly_or_is_refused(case):
         got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         assert got.keys() == ref.keys()
         for n in ref:
-            torch.testing.assert_close(got[n], ref[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+            # two float32 computations in different orders (and multithreaded reductions): the
+            # error is relative to the tensor's largest gradient (a patch embedding's gradient sums
+            # over every pixel: 4e-5 off in one of 384 entries was seen on 2 cores); a wrong
+            # gradient is off by its own size
+            scale = float(ref[n].abs().max())
+            torch.testing.assert_close(got[n], ref[n], atol=1e-5 + 1e-4 * scale, rtol=1e-4,
+                                       msg=lambda m: f"{n}: {m}")
     finally:
         vtw.disable(model)
         model.gradient_checkpointing_disable()
