@@ -13,7 +13,7 @@ import _vllm  # skips without vLLM; the engine environment
 
 
 def test_bench_engine_vllm_tiny(tmp_path):
-    env = dict(os.environ, **_vllm.ENGINE_ENV, VLLM_CPU_CI_ENV="1")
+    env = dict(os.environ, **_vllm.ENGINE_ENV)  # VLLM_CPU_CI_ENV=1 among them
     proc = subprocess.run([sys.executable, "-m", "vtw", "bench", "--engine", "vllm", "--preset", "tiny",
                            "--batch", "4", "--new-tokens", "2", "--out", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=400)
