@@ -116,10 +116,11 @@ def uninstall_model(model) -> None:
     model._vtw_state = None
 
 
-def _compiles(model) -> bool:
-    """Whether vLLM compiles the language model of `model` (its ``support_torch_compile``
-    decorator sets ``do_not_compile``; eager engines and undecorated models have it True/absent)."""
-    return getattr(language_layers(model)[3], "do_not_compile", True) is False
+def _compiles(inner) -> bool:
+    """Whether vLLM compiles `inner`, the module holding the decoder layers (its
+    ``support_torch_compile`` decorator sets ``do_not_compile``; eager engines and undecorated
+    models have it True / absent)."""
+    return getattr(inner, "do_not_compile", True) is False
 
 
 def install_model(model, s: _config.Settings, runner_name: str, *, max_tokens: int | None = None) -> _State | None:
@@ -135,7 +136,7 @@ def install_model(model, s: _config.Settings, runner_name: str, *, max_tokens: i
     deep = range(max(start, s.layer), end)
     names = {i: _attn_name(layers[i]) for i in deep}
     st = _State(s, layers, start, end, names, runner_name)
-    st.compiles = getattr(inner, "do_not_compile", True) is False
+    st.compiles = _compiles(inner)
     if max_tokens is not None:
         device = next(iter(model.parameters())).device
         st.withdrawn_buf = torch.zeros(int(max_tokens), dtype=torch.bool, device=device)
@@ -180,16 +181,16 @@ def set_layer(runner, layer: int) -> None:
     if s.kv == "text_only":
         raise RuntimeError("vtw.vllm.set_layer: with text_only the KV cache groups are laid out for the "
                            "engine's vtw_layer; start an engine per K")
+    if not 0 <= layer <= s.num_layers:
+        raise ValueError(f"vtw.vllm.set_layer: layer must be in [0, {s.num_layers}], got {layer}")
     _config.check_window(runner.model_config, layer)  # sliding-window layers from `layer` on
-    if _compiles(runner.get_model() if hasattr(runner, "get_model") else runner.model):
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    if _compiles(language_layers(model)[3]):
         raise RuntimeError("vtw.vllm.set_layer: this engine compiles the language model, and the compiled graph "
                            "holds the layer wiring it was traced with; start an engine per K, or one with "
                            "enforce_eager=True to re-wire it")
-    if not 0 <= layer <= s.num_layers:
-        raise ValueError(f"vtw.vllm.set_layer: layer must be in [0, {s.num_layers}], got {layer}")
     from dataclasses import replace
 
-    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     old = getattr(model, "_vtw_state", None)
     name = old.runner_name if old is not None else type(runner).__name__
     max_tokens = old.withdrawn_buf.numel() if old is not None and old.withdrawn_buf is not None else None
