@@ -91,6 +91,36 @@ def time_median(fn, dev, *, inner: int | None = None, rounds: int | None = None)
     return statistics.median(ts)
 
 
+def time_graph(fn, dev, *, calls: int = 20, replays: int | None = None) -> float:
+    """Median seconds per call of `fn` replayed from a CUDA graph of `calls` back-to-back calls:
+    the device's time, without the Python and launch overhead of each call (which, at the
+    LLaVA shapes' tens of microseconds per op, is what eager timing measures). Raises if `fn`
+    cannot be captured (a host synchronisation, a pageable copy)."""
+    replays = min(replays or TIMING["rounds"], TIMING["rounds"])
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    sync(dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    sync(dev)
+    ts = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3 / calls)
+    return statistics.median(ts)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     if not torch.isfinite(a).all():
@@ -224,11 +254,24 @@ def data_ops(dev, backends, sh, copy_gbps, g):
     fig = {"withdraw_shape": f"B{B} S{S} D{D} bf16 ({img} visual)", "copy_GBps": copy_gbps}
     t_idx = time_median(lambda: hidden[~m].view(B, keep, D), dev)
     fig["withdraw_bool_index_GBps"] = wbytes / t_idx / 1e9
+    graphs = dev.type == "cuda"
+    if graphs:  # the ceiling at this size: a plain copy of the kept rows' bytes, device time
+        kept = torch.randn(B, keep, D, generator=g).to(dev, torch.bfloat16)
+        t_copy = time_graph(lambda: kept.clone(), dev)
+        fig["copy_same_bytes_graph_GBps"] = wbytes / t_copy / 1e9
     for be in backends("withdraw"):
         t = time_median(lambda: vk.withdraw(hidden, m, num_keep=keep, backend=be), dev)
         fig[f"withdraw_{be}_GBps"] = wbytes / t / 1e9
         fig[f"withdraw_{be}_of_copy"] = wbytes / t / 1e9 / copy_gbps
         fig[f"withdraw_{be}_vs_bool_index"] = t_idx / t
+        if graphs:
+            try:
+                tg = time_graph(lambda: vk.withdraw(hidden, m, num_keep=keep, backend=be), dev)
+                fig[f"withdraw_{be}_graph_GBps"] = wbytes / tg / 1e9
+                fig[f"withdraw_{be}_graph_of_copy"] = wbytes / tg / 1e9 / copy_gbps
+                fig[f"withdraw_{be}_graph_vs_same_bytes_copy"] = t_copy / tg
+            except Exception as e:  # recorded: an op that cannot be captured is a finding
+                fig[f"withdraw_{be}_graph_error"] = f"{type(e).__name__}: {e}"[:200]
     L, H, Dh = sh["layers"], sh["heads"], sh["head_dim"]
     ks = [torch.randn(B, H, S, Dh, generator=g).to(dev, torch.bfloat16) for _ in range(L)]
     vs = [torch.randn(B, H, S, Dh, generator=g).to(dev, torch.bfloat16) for _ in range(L)]
@@ -240,6 +283,13 @@ def data_ops(dev, backends, sh, copy_gbps, g):
         t = time_median(lambda: vk.compact_kv_(ks, vs, m, backend=be), dev, inner=3, rounds=10)
         fig[f"compact_kv_{be}_GBps"] = cbytes / t / 1e9
         fig[f"compact_kv_{be}_of_copy"] = cbytes / t / 1e9 / copy_gbps
+        if graphs:
+            try:
+                tg = time_graph(lambda: vk.compact_kv_(ks, vs, m, backend=be), dev, calls=5)
+                fig[f"compact_kv_{be}_graph_GBps"] = cbytes / tg / 1e9
+                fig[f"compact_kv_{be}_graph_of_copy"] = cbytes / tg / 1e9 / copy_gbps
+            except Exception as e:
+                fig[f"compact_kv_{be}_graph_error"] = f"{type(e).__name__}: {e}"[:200]
     return fig
 
 
