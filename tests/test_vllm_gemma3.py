@@ -2,10 +2,12 @@
 (layers 0-4 slide a window, layer 5 attends fully; the two kinds have different rotary bases),
 16 image tokens per picture between <start_of_image> and <end_of_image> (text tokens).
 
-What vtw.vllm accepts for Gemma 3 (vtw.vllm._config.check_window): a sliding-window layer from K
-on only where its window cannot bind (max_model_len <= sliding_window), since the deep layers
-attend over a request's text tokens compacted by text rank, and vtw's definition slides the
-window over original positions. The engine here runs at max_model_len = sliding_window.
+Two tiny models: one whose window cannot bind (sliding_window = max_model_len = 128: the deep
+sliding layers are handled like full-attention ones, by text rank, text_only included), and one
+whose window binds (sliding_window = 20, shorter than the prompts and the generations, under
+max_model_len = 128): there the deep sliding layers keep their KV by position in vLLM's
+sliding-window groups and attend through vtw.vllm._window (over original positions), in both KV
+modes; text_only puts the deep full-attention layer in a text-only group.
 
 The reference is the withdrawn model recomputed cache-free at every step on the Hugging Face
 modules with explicit masks written from the definition: layers < K on every token (causal, the
@@ -241,30 +243,26 @@ def _engine_config(folder, max_model_len, **overrides):
 
 
 @pytest.mark.parametrize("kv", ["shared", "text_only"])
-def test_window_that_can_bind_is_refused(folder, kv):
-    """A deep sliding layer whose window is shorter than max_model_len: refused at engine start
-    with one line naming the layers, the window, max_model_len and what to change."""
-    for layer in (0, 3, 4):
-        with pytest.raises(Exception, match=rf"decoder layers {', '.join(map(str, range(layer, 5)))} \(>= "
-                                            rf"vtw_layer={layer}\) slide a window of sliding_window={WINDOW} tokens, "
-                                            rf"shorter than max_model_len={WINDOW + 1}, .*pass max_model_len <= "
-                                            rf"{WINDOW}, or vtw_layer >= 5 \(after the last sliding layer\)"):
-            _engine_config(folder, WINDOW + 1, vtw_layer=layer, vtw_kv=kv)
-    # accepted: no sliding layer from K on (layer 5 attends fully), K = L, or max_model_len <= window
-    assert _config.settings(_engine_config(folder, WINDOW + 1, vtw_layer=5, vtw_kv=kv).model_config).layer == 5
-    assert _config.settings(_engine_config(folder, WINDOW + 1, vtw_layer=LAYERS, vtw_kv=kv).model_config).active is False
-    assert _config.settings(_engine_config(folder, WINDOW, vtw_layer=0, vtw_kv=kv).model_config).layer == 0
+def test_which_windows_bind(folder, kv):
+    """The deep sliding layers whose window is shorter than max_model_len are the positional ones
+    (layers 0-4 slide, layer 5 attends fully); none at max_model_len <= window or K = L."""
+    def windows(max_len, layer):
+        return _config.settings(_engine_config(folder, max_len, vtw_layer=layer, vtw_kv=kv).model_config).windows
+
+    assert windows(WINDOW + 1, 0) == tuple((i, WINDOW) for i in range(5))
+    assert windows(WINDOW + 1, 3) == ((3, WINDOW), (4, WINDOW))
+    assert windows(WINDOW + 1, 5) == ()
+    assert windows(WINDOW + 1, LAYERS) == ()
+    assert windows(WINDOW, 0) == ()
 
 
-def test_set_layer_refuses_a_window_that_can_bind(folder):
-    """Re-wiring an engine to a K with a deep sliding layer is refused the same way (before the
-    model is touched)."""
-    from types import SimpleNamespace
+def test_binding_window_with_a_quantised_cache_is_refused(folder):
+    from vllm.engine.arg_utils import EngineArgs
 
-    runner = SimpleNamespace(model_config=_engine_config(folder, WINDOW + 1, vtw_layer=5, vtw_kv="shared").model_config)
-    for layer in (0, 4):
-        with pytest.raises(_config.SettingError, match=rf"slide a window of sliding_window={WINDOW} tokens"):
-            _runner.set_layer(runner, layer)
+    args = EngineArgs(model=str(folder), dtype="float32", max_model_len=WINDOW + 1, kv_cache_dtype="fp8",
+                      distributed_executor_backend="uni", hf_overrides={"vtw_layer": 3, "vtw_kv": "shared"})
+    with pytest.raises(Exception, match=r"kv_cache_dtype='fp8'.*pass max_model_len <= 128"):
+        args.create_engine_config()
 
 
 def test_engine_start(llm):
@@ -317,6 +315,117 @@ def test_text_only_compiled_engine(folder, hf, llm):
         for (gp, gt), (wp, wt) in zip(got, _reference(hf, LAYERS // 2, _bidirectional(engine))):
             assert gp == wp
             assert gt == wt, f"text_only, K={LAYERS // 2}: vLLM {gt} != reference {wt}"
+        assert preempted > 0
+        compiles, compiled, eager = tiny.step_paths(engine)
+        assert compiles and compiled > 0 and eager > 0, (compiles, compiled, eager)
+        free, total = tiny.free_blocks(engine)
+        assert free == total
+    finally:
+        del engine
+
+
+# ---------------------------------------------------------------------------------------------
+# a window that binds: sliding_window = 20 under max_model_len = 128 (every prompt with a picture
+# is longer than the window, and every generation passes it)
+
+SHORT = 20
+SHORT_MAX_LEN = 128
+
+
+@pytest.fixture(scope="module")
+def folder_short(tmp_path_factory):
+    return tiny.build_gemma3(tmp_path_factory.mktemp("tiny_gemma3_short"), layers=LAYERS, sliding_window=SHORT)
+
+
+@pytest.fixture(scope="module")
+def hf_short(folder_short):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(folder_short, dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
+    return model, AutoProcessor.from_pretrained(folder_short)
+
+
+@pytest.fixture(scope="module")
+def llm_short(folder_short):
+    engine = _engine(folder_short, max_model_len=SHORT_MAX_LEN, num_gpu_blocks_override=NUM_BLOCKS_SHARED,
+                     enforce_eager=True,  # re-wired to each K between workloads (set_layer)
+                     hf_overrides={"vtw_layer": LAYERS // 2, "vtw_kv": "shared"})
+    yield engine
+    del engine
+
+
+def test_short_window_binds_in_the_reference(hf_short):
+    """The short window changes the model's answers (else the tests below could not tell a window
+    over positions from none), and withdrawal changes them again."""
+    full, withdrawn = _reference(hf_short, LAYERS, False), _reference(hf_short, 1, False)
+    assert max(len(p) for p, _ in full) > SHORT
+    assert any(a[1] != b[1] for a, b in zip(full, withdrawn))
+    # the same weights with a window that cannot bind (every token in view): other tokens
+    cfg = hf_short[0].model.language_model.config
+    saved = cfg.sliding_window
+    try:
+        cfg.sliding_window = SHORT_MAX_LEN
+        no_window = _compute_reference(hf_short, 1, False)
+    finally:
+        cfg.sliding_window = saved
+    assert any(a[1] != b[1] for a, b in zip(withdrawn, no_window))
+
+
+def test_short_window_engine_start(llm_short):
+    st = _runner.state_of(_runner_of(llm_short))
+    assert st.positional == {3: SHORT, 4: SHORT}
+    from vtw.vllm._window import WindowImpl
+
+    assert all(isinstance(st.layers[i].self_attn.attn.impl, WindowImpl) for i in (3, 4))
+    assert not isinstance(st.layers[5].self_attn.attn.impl, WindowImpl)
+    assert not isinstance(st.layers[2].self_attn.attn.impl, WindowImpl)
+
+
+@pytest.mark.parametrize("layer", [LAYERS // 2, 0, 1, LAYERS - 1, LAYERS])
+def test_short_window_tokens_equal_withdrawn_model(llm_short, hf_short, layer):
+    """shared KV, the window over original positions in the deep sliding layers, K = 0 .. L."""
+    _runner.set_layer(_runner_of(llm_short), layer)
+    try:
+        got, preempted = tiny.run_workload(llm_short, NEW, PROMPTS, image=tiny.gemma_image, aborted=ABORTED)
+        st = _runner.state_of(_runner_of(llm_short))
+        positional = dict(st.positional) if st is not None else {}
+    finally:
+        _runner.set_layer(_runner_of(llm_short), LAYERS // 2)
+    assert positional == {i: SHORT for i in range(layer, 5)}
+    want = _reference(hf_short, layer, _bidirectional(llm_short))
+    for (gp, gt), (wp, wt), (text, _) in zip(got, want, PROMPTS):
+        assert gp == wp, f"prompt ids differ for {text!r}"
+        assert gt == wt, f"window {SHORT}, K={layer}, {text!r}: vLLM {gt} != reference {wt}"
+    assert preempted > 0, "the workload was meant to preempt a request"
+    free, total = tiny.free_blocks(llm_short)
+    assert free == total, f"{total - free} KV blocks still held after the workload"
+
+
+def test_short_window_text_only_compiled_engine(folder_short, hf_short, llm_short):
+    """vtw_kv="text_only" (the default) at K = L/2 with vLLM's default compilation: the deep
+    sliding layers 3, 4 stay in vLLM's sliding-window groups (by position), the full layer 5 goes
+    to a text-only group."""
+    del llm_short
+    engine = _engine(folder_short, max_model_len=SHORT_MAX_LEN, num_gpu_blocks_override=NUM_BLOCKS_SHARED,
+                     hf_overrides={"vtw_layer": LAYERS // 2})
+    try:
+        from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+        from vtw.vllm._text_only import TextOnlyAttentionSpec
+
+        kv = engine.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
+        st = _runner.state_of(_runner_of(engine))
+        name5, sliding = st.names[5], {st.names[3], st.names[4]}
+        for g in kv.kv_cache_groups:
+            if name5 in g.layer_names:
+                assert set(g.layer_names) == {name5} and isinstance(g.kv_cache_spec, TextOnlyAttentionSpec), g
+            if sliding & set(g.layer_names):
+                assert type(g.kv_cache_spec) is SlidingWindowSpec and g.kv_cache_spec.sliding_window == SHORT, g
+        got, preempted = tiny.run_workload(engine, NEW, PROMPTS, image=tiny.gemma_image, aborted=ABORTED)
+        for (gp, gt), (wp, wt) in zip(got, _reference(hf_short, LAYERS // 2, _bidirectional(engine))):
+            assert gp == wp
+            assert gt == wt, f"text_only, window {SHORT}, K={LAYERS // 2}: vLLM {gt} != reference {wt}"
         assert preempted > 0
         compiles, compiled, eager = tiny.step_paths(engine)
         assert compiles and compiled > 0 and eager > 0, (compiles, compiled, eager)

@@ -13,7 +13,8 @@ modes; Qwen3-VL (DeepStack) shared and text_only at K = 1; bfloat16 text_only; t
 text_only; prefix caching (shared system prompts, a repeated picture, follow-up turns: hits of
 num_computed_tokens > 0 at a request's start); the wiring checks; one case each of Mistral 3
 (shared, K = 1), Idefics3 (shared, K = 1) and SmolVLM (text_only, K = 1, compiled); LLaVA-OneVision
-text_only K = 1 on a compiling engine; InternVL shared K = 1. The rest (LLaVA-NeXT, Qwen2.5-VL,
+text_only K = 1 on a compiling engine; InternVL shared K = 1; Gemma 3 with a sliding window
+shorter than the prompts, shared K = 3 and text_only K = 3 compiled. The rest (LLaVA-NeXT, Qwen2.5-VL,
 bfloat16 shared, TP 2 shared, the other cases of the LLaVA-OneVision and InternVL modules) passed
 under MRv2 too when run by hand (README).
 
@@ -49,6 +50,10 @@ SELECTION = [
     # one case per family of issue 20's plain decoders (the rest of their modules: by hand, README)
     "test_vllm_llava_onevision.py::test_text_only_compiled_tokens_equal_withdrawn_model",
     "test_vllm_internvl.py::test_tokens_equal_withdrawn_model[1]",
+    # Gemma 3 with a window that binds (vtw's positional sliding-window attention): shared K = 3
+    # and text_only K = 3 compiled
+    "test_vllm_gemma3.py::test_short_window_tokens_equal_withdrawn_model[3]",
+    "test_vllm_gemma3.py::test_short_window_text_only_compiled_engine",
 ]
 DESELECT = "not (qwen2_5_vl) and not (bf16 and shared) and not (tp2 and shared)"
 

@@ -22,7 +22,8 @@ FAMILIES = {
     # levels >= K are zeroed for the step (vtw.vllm._runner._skip_deepstack)
     "Qwen3VLForConditionalGeneration": "Qwen3-VL",
     "Qwen3VLMoeForConditionalGeneration": "Qwen3-VL-MoE",
-    # sliding-window layers from K on only where the window cannot bind (check_window)
+    # sliding-window layers: where the window can bind, the deep ones keep their KV by position
+    # and attend over original positions (binding_windows, vtw.vllm._window)
     "Gemma3ForConditionalGeneration": "Gemma 3",
     # Pixtral vision: [IMG_BREAK] / [IMG_END] are text, only the image_token_index positions are visual
     "Mistral3ForConditionalGeneration": "Mistral 3",
@@ -55,6 +56,8 @@ class Settings:
     kv: str
     token_ids: tuple[int, ...]
     family: str
+    # deep sliding-window layers whose window can bind: layer index -> window (binding_windows)
+    windows: tuple[tuple[int, int], ...] = ()
 
     @property
     def active(self) -> bool:
@@ -111,7 +114,6 @@ def settings(model_config) -> Settings | None:
     kv = DEFAULT_KV if kv is None else kv
     if kv not in KV_MODES:
         raise SettingError(f"vtw.vllm: vtw_kv must be one of {', '.join(map(repr, KV_MODES))}, got {kv!r}")
-    check_window(model_config, layer)
     token_ids = visual_token_ids(hf)
     if not token_ids:
         raise SettingError(f"vtw.vllm: the {arch} config has no image/video token id "
@@ -120,32 +122,27 @@ def settings(model_config) -> Settings | None:
         raise SettingError(f"vtw.vllm: vLLM marks a {FAMILIES[arch]} video's frames with the tokenizer's <video> id, "
                            f"which the config does not name, so vtw cannot withdraw them; pass "
                            'limit_mm_per_prompt={"video": 0} (images only) or drop vtw_layer')
-    return Settings(layer, num_layers, kv, token_ids, FAMILIES[arch])
+    return Settings(layer, num_layers, kv, token_ids, FAMILIES[arch], binding_windows(model_config, layer))
 
 
-def check_window(model_config, layer: int) -> None:
-    """Refuses sliding-window decoder layers from `layer` on (Gemma 3's ``layer_types``) whose
-    window can bind. vtw's definition slides the window over ORIGINAL positions (a text token at
-    position p sees the text tokens at (p - W, p]); the deep layers here attend over a request's
-    text tokens compacted by text rank, so a vLLM window there would count text ranks. Once
-    max_model_len <= W no window binds (p - k < max_model_len <= W), over positions or ranks:
-    the same model. (vLLM's ``disable_sliding_window`` drops the window and caps max_model_len
-    at it: accepted as well.)"""
+def binding_windows(model_config, layer: int) -> tuple[tuple[int, int], ...]:
+    """The sliding-window decoder layers from `layer` on (Gemma 3's ``layer_types``) whose window
+    can bind, as (layer index, window) pairs. vtw's definition slides the window over ORIGINAL
+    positions (a text token at position p sees the text tokens at (p - W, p]), while the other
+    deep layers keep their KV by text rank, where a window would count text ranks; so these keep
+    theirs by position, in vLLM's sliding-window KV groups, and attend through vtw.vllm._window.
+    Once max_model_len <= W no window binds (p - k < max_model_len <= W), over positions or ranks:
+    such a layer is handled like a full-attention one. (vLLM's ``disable_sliding_window`` drops the
+    window and caps max_model_len at it: no binding window either.)"""
     text = model_config.hf_text_config
     window = _get(text, "sliding_window")
     types = _get(text, "layer_types")
-    if window is None or not types:
-        return
-    deep = [i for i in range(layer, len(types)) if types[i] == "sliding_attention"]
+    if window is None or not types or getattr(model_config, "disable_sliding_window", False):
+        return ()
     max_len = int(model_config.max_model_len)
-    if not deep or int(window) >= max_len:
-        return
-    after = deep[-1] + 1
-    other = (f"vtw_layer >= {after} (after the last sliding layer)" if after < len(types)
-             else f"vtw_layer = {len(types)} (no withdrawal: layer {deep[-1]} slides)")
-    raise SettingError(f"vtw.vllm: decoder layers {', '.join(map(str, deep))} (>= vtw_layer={layer}) slide a window of "
-                       f"sliding_window={window} tokens, shorter than max_model_len={max_len}, and vtw would slide it "
-                       f"over text tokens instead of positions; pass max_model_len <= {window}, or {other}")
+    if int(window) >= max_len:
+        return ()
+    return tuple((i, int(window)) for i in range(layer, len(types)) if types[i] == "sliding_attention")
 
 
 def _has_static_graphs() -> bool:
@@ -182,6 +179,18 @@ def verify(vllm_config) -> Settings | None:
         # pruned video tokens change the prompt and Qwen3-VL's positions layout (4 rows per stream)
         raise SettingError("vtw.vllm: video token pruning (video_pruning_rate > 0) is not supported with "
                            "vtw_layer; drop video_pruning_rate or vtw_layer")
+    if s.windows:
+        layers = ", ".join(str(i) for i, _ in s.windows)
+        logger.info("vtw.vllm: decoder layers %s (>= vtw_layer=%d) slide a window of %d tokens, shorter than "
+                    "max_model_len=%d: they keep their KV by position in vLLM's sliding-window groups and attend to "
+                    "the text tokens of the window over original positions (vtw's own attention in PyTorch)%s",
+                    layers, s.layer, s.windows[0][1], int(mc.max_model_len),
+                    "; text_only applies to the deep full-attention layers" if s.kv == "text_only" else "")
+        kv_dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
+        if kv_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise SettingError(f"vtw.vllm: kv_cache_dtype={kv_dtype!r} with deep sliding-window layers (>= vtw_layer="
+                               f"{s.layer}) whose window binds: vtw's attention there reads an unquantised cache; drop "
+                               f"kv_cache_dtype, or pass max_model_len <= {s.windows[0][1]}")
     if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
         logger.info("vtw.vllm: prefix caching stays on; hits stop at a request's first visual token (a shared "
                     "text prefix is reused, an image and what follows it is recomputed)")

@@ -24,6 +24,10 @@ Two ways through the deep layers, chosen per step on the host:
   gather at layer K, the deep layers on the kept tokens with their own metadata, scatter back to
   the batch's ``[N, D]`` layout after the last layer.
 
+Deep sliding-window layers whose window can bind (Gemma 3 with max_model_len > sliding_window)
+keep their KV by position and attend over original positions through :mod:`vtw.vllm._window`;
+:func:`_inject` gives them the step's kept tokens' stock slots and positions.
+
 Nothing here reads device data on the host: the per-token indices are built on the host and
 copied to the device, the deep slots are gathered from the device block tables on the device.
 """
@@ -54,6 +58,9 @@ class _Step:
     withdrawn: torch.Tensor | None = None  # [T] bool (device): kept tokens that leave with the early-exit value
     identity: bool = False  # every scheduled token kept: the compiled graph can run this step
     injected: bool = False  # the deep metadata is in the forward context
+    # positional deep groups (vtw.vllm._window): (gid, WindowMetadata, [layer names]); their slots
+    # and positions come from the forward context and the forward's positions (_inject)
+    positional: list = field(default_factory=list)
 
 
 class _State:
@@ -81,6 +88,11 @@ class _State:
         # Qwen3-VL's DeepStack with K inside its layers: the model holding the per-level buffers
         # (see install_model); None otherwise
         self.deepstack = None
+        # deep sliding-window layers whose window binds (vtw.vllm._window): layer index -> window;
+        # their KV cache group ids -> the groups' slot flags, once the KV cache is known
+        self.positional: dict = dict(settings.windows)
+        self.positional_names = {names[i] for i in self.positional if i in names}
+        self.slot_flags: dict = {}
 
 
 def language_layers(model):
@@ -113,6 +125,12 @@ def uninstall_model(model) -> None:
         fwd = model.__dict__.get("forward")
         if isinstance(fwd, functools.partial) and fwd.func is _model_forward:
             del model.forward
+        from ._window import WindowImpl
+
+        for i in st.positional:
+            attn = st.layers[i].self_attn.attn
+            if isinstance(attn.impl, WindowImpl):
+                attn.impl = attn.impl.inner
     model._vtw_state = None
 
 
@@ -149,8 +167,18 @@ def install_model(model, s: _config.Settings, runner_name: str, *, max_tokens: i
     bufs = getattr(model, "deepstack_input_embeds", None)
     if isinstance(bufs, list) and s.layer < len(bufs):
         st.deepstack = model
+    if st.positional:
+        from ._window import WindowImpl, check_layer
+
+        for i, window in st.positional.items():
+            attn = layers[i].self_attn.attn
+            if getattr(attn, "sliding_window", None) != window:
+                raise RuntimeError(f"vtw.vllm: decoder layer {i} should slide a window of {window} tokens, its attention "
+                                   f"has sliding_window={getattr(attn, 'sliding_window', None)}")
+            check_layer(attn, f"decoder layer {i}")
+            attn.impl = WindowImpl(attn.impl, window)  # block size: from its KV group (deep_groups)
     if s.kv == "text_only":
-        _text_only_specs(layers, deep, s.token_ids)
+        _text_only_specs(layers, [i for i in deep if i not in st.positional], s.token_ids)
     for i in deep:
         if "forward" in layers[i].__dict__:
             raise RuntimeError(f"vtw.vllm: decoder layer {i} already has a patched forward")
@@ -183,7 +211,6 @@ def set_layer(runner, layer: int) -> None:
                            "engine's vtw_layer; start an engine per K")
     if not 0 <= layer <= s.num_layers:
         raise ValueError(f"vtw.vllm.set_layer: layer must be in [0, {s.num_layers}], got {layer}")
-    _config.check_window(runner.model_config, layer)  # sliding-window layers from `layer` on
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     if _compiles(language_layers(model)[3]):
         raise RuntimeError("vtw.vllm.set_layer: this engine compiles the language model, and the compiled graph "
@@ -195,12 +222,14 @@ def set_layer(runner, layer: int) -> None:
     name = old.runner_name if old is not None else type(runner).__name__
     max_tokens = old.withdrawn_buf.numel() if old is not None and old.withdrawn_buf is not None else None
     uninstall_model(model)
-    install_model(model, replace(s, layer=layer), name, max_tokens=max_tokens)  # K = L: no state, the layers run stock
+    windows = _config.binding_windows(runner.model_config, layer)
+    install_model(model, replace(s, layer=layer, windows=windows), name, max_tokens=max_tokens)  # K = L: stock
 
 
 def _text_only_specs(layers, deep, token_ids) -> None:
     """The deep attention layers report a TextOnlyAttentionSpec (their own KV cache groups);
-    full attention only, or a sliding window that cannot bind (max_model_len <= window)."""
+    full attention only, or a sliding window that cannot bind (max_model_len <= window). (Deep
+    sliding layers whose window binds keep vLLM's sliding-window spec: vtw.vllm._window.)"""
     from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
     from ._text_only import TextOnlyAttentionSpec
@@ -213,7 +242,7 @@ def _text_only_specs(layers, deep, token_ids) -> None:
 
         def spec(vllm_config, _orig=orig, _i=i):
             base = _orig(vllm_config)
-            # a sliding window that cannot bind (max_model_len <= window, _config.check_window)
+            # a sliding window that cannot bind (max_model_len <= window, _config.binding_windows)
             # is full attention: the same text-only group
             unbound = (type(base) is SlidingWindowSpec
                        and base.sliding_window >= int(vllm_config.model_config.max_model_len))
@@ -241,8 +270,35 @@ def deep_groups(st: _State, attn_groups):
                 raise RuntimeError("vtw.vllm: the attention backend splits KV blocks into kernel blocks; "
                                    "vtw's deep-layer slot mapping does not support that yet")
             out.append((gid, ag, mine))
+            pos = [n for n in mine if n in st.positional_names]
+            if pos:
+                if len(pos) != len(mine):
+                    raise RuntimeError(f"vtw.vllm: KV cache group {gid} mixes deep layers that keep their KV by position "
+                                       f"({', '.join(pos)}) and by text rank")
+                _bind_window_group(st, gid, ag, pos)
     st.groups = out
     return out
+
+
+def _bind_window_group(st: _State, gid: int, ag, names) -> None:
+    """A positional deep group: its layers learn their block size, the group gets its slot flags."""
+    from ._window import Slots, WindowImpl, _views
+
+    bs = int(ag.kv_cache_spec.block_size)
+    num_blocks = None
+    for i, n in st.names.items():
+        if n not in names:
+            continue
+        attn = st.layers[i].self_attn.attn
+        impl = attn.impl
+        if not isinstance(impl, WindowImpl):
+            raise RuntimeError(f"vtw.vllm: decoder layer {i} lost vtw's sliding-window attention")
+        impl.__dict__["block_size"] = bs
+        kv = attn.kv_cache[0] if isinstance(attn.kv_cache, (list, tuple)) else attn.kv_cache
+        nb = _views(kv, bs, impl.num_kv_heads, impl.head_size)[0].shape[0]
+        num_blocks = nb if num_blocks is None else min(num_blocks, nb)
+    st.slot_flags[gid] = Slots(num_blocks * bs, st.withdrawn_buf.device if st.withdrawn_buf is not None
+                               else next(iter(st.layers.parameters())).device)
 
 
 def make_step(st: _State, *, is_text: np.ndarray, n_sched: np.ndarray, text_before: np.ndarray,
@@ -306,6 +362,13 @@ def make_step(st: _State, *, is_text: np.ndarray, n_sched: np.ndarray, text_befo
     for gid, ag, names in deep_groups(st, attn_groups):
         bt_all = block_table(gid)
         bs = ag.kv_cache_spec.block_size
+        if gid in st.slot_flags:  # positional: slots and positions are the stock ones, gathered in _inject
+            from ._window import WindowMetadata
+
+            md = WindowMetadata(num_tokens=T, req=req_t, pos=None, block_table=bt_all, block_size=int(bs),
+                                valid=st.slot_flags[gid].valid)
+            step.positional.append((gid, md, names))
+            continue
         # slot of text rank r: block_table[req, r // bs] * bs + r % bs, gathered on the device
         slots = bt_all[req_t, rank_t // bs].to(torch.int64) * bs + rank_t % bs
         if withdrawn is not None:  # no KV slot for a token withdrawn after all (-1: vLLM's padding slot)
@@ -323,14 +386,40 @@ def make_step(st: _State, *, is_text: np.ndarray, n_sched: np.ndarray, text_befo
     return step
 
 
-def _inject(step: _Step, ctx) -> None:
+def _inject(step: _Step, ctx, st: _State | None = None, positions=None) -> None:
     """The deep layers' attention metadata and slots into the forward context (vLLM's attention
-    ops read both by layer name)."""
+    ops read both by layer name). Positional groups (vtw.vllm._window): the group's stock slot
+    mapping, read here before it is replaced, marks which slots the step fills with a kept token's
+    KV; the kept tokens keep their stock slots and positions."""
     if step.injected:
         return
     for n, md in step.metadata.items():
         ctx.attn_metadata[n] = md
         ctx.slot_mapping[n] = step.slots[n]
+    for gid, md, names in step.positional:
+        stock = ctx.slot_mapping[names[0]]
+        if positions is None or positions.dim() != 1:
+            raise RuntimeError("vtw.vllm: deep sliding-window layers need the forward's 1-D positions")
+        n_all = stock.shape[0]
+        if step.identity:
+            kept = torch.ones(n_all, dtype=torch.bool, device=stock.device)
+            if step.withdrawn is not None:  # MRv2: tokens withdrawn on the device get no slot
+                kept[: step.num_text] = ~step.withdrawn
+            kept[step.num_text:] = False
+            slots = torch.where(kept, stock, torch.full_like(stock, -1))
+            md.pos = positions[: step.num_text].to(torch.int64)
+        else:
+            kept = torch.zeros(n_all, dtype=torch.bool, device=stock.device)
+            kept[step.keep] = True
+            slots = stock.index_select(0, step.keep)
+            if step.withdrawn is not None:
+                kept[step.keep] = ~step.withdrawn
+                slots = torch.where(step.withdrawn, torch.full_like(slots, -1), slots)
+            md.pos = positions.index_select(0, step.keep).to(torch.int64)
+        st.slot_flags[gid].mark(stock, kept)
+        for n in names:
+            ctx.attn_metadata[n] = md
+            ctx.slot_mapping[n] = slots
     step.injected = True
 
 
@@ -345,7 +434,7 @@ def _model_forward(st: _State, orig, *args, **kwargs):
         if step.owner is not None and ctx.attn_metadata is not step.owner:
             st.step = step = None  # MRv2: a forward with another dict (a dummy run) runs stock
         else:
-            _inject(step, ctx)
+            _inject(step, ctx, st, kwargs.get("positions", args[1] if len(args) > 1 else None))
             if not step.identity:  # visual tokens in the step (or no text token at all)
                 ctx.skip_compiled = True
             elif st.compiles and not st.traced:
@@ -405,7 +494,7 @@ def _deep_forward(st: _State, forwards, positions, hidden_states, residual, *arg
         return hidden_states, (residual if residual is not None else torch.zeros_like(hidden_states))
     from vllm.forward_context import get_forward_context
 
-    _inject(step, get_forward_context())
+    _inject(step, get_forward_context(), st, positions)
     full_h, full_r = hidden_states, residual
     keep = step.keep
     h = hidden_states.index_select(0, keep)

@@ -40,6 +40,16 @@ API: tuple = (
     # a deep sliding-window layer whose window cannot bind joins text_only (_runner._text_only_specs)
     ("vllm.v1.kv_cache_interface", "SlidingWindowSpec", {"sliding_window", "block_size"}, ALL),
     ("vllm.v1.kv_cache_interface", "AttentionSpec", {"block_size", "num_kv_heads", "head_size", "dtype"}, ALL),
+    # deep sliding-window layers whose window binds (_window): vLLM's attention ops call the layer's
+    # impl (replaced by WindowImpl) through these two custom ops, with the KV update separate
+    ("vllm.model_executor.layers.attention.attention", "unified_kv_cache_update", ("key", "value", "layer_name"), ALL),
+    ("vllm.model_executor.layers.attention.attention", "unified_attention_with_output",
+     ("query", "key", "value", "output", "layer_name"), ALL),
+    ("vllm.v1.attention.backend", "AttentionBackend.forward_includes_kv_cache_update", None, ALL),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.do_kv_cache_update",
+     ("self", "layer", "key", "value", "kv_cache", "slot_mapping"), ALL),
+    ("vllm.v1.attention.backends.triton_attn", "TritonAttentionImpl.do_kv_cache_update",
+     ("self", "layer", "key", "value", "kv_cache", "slot_mapping"), ALL),
     ("vllm.v1.worker.utils", "AttentionGroup.build_metadata", ("self", "common_attn_metadata", "ubatch_idx"), ALL),
     ("vllm.v1.worker.utils", "AttentionGroup.layer_names", None, ALL),
     ("vllm.v1.worker.utils", "AttentionGroup.kv_cache_spec", None, ALL),
