@@ -67,13 +67,17 @@ NUM_BLOCKS_SHARED = 30
 NUM_BLOCKS_TEXT_ONLY = 10
 
 
-@pytest.fixture(scope="module")
-def hf(folder):
+def _hf(folder):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32,
                                                         attn_implementation="eager").eval()
     return model, AutoProcessor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def hf(folder):
+    return _hf(folder)
 
 
 def _runner_of(llm):
@@ -276,18 +280,20 @@ def test_engine_start(llm):
     assert ("Model Runner V2" in st.runner_name) == mrv2, st.runner_name
 
 
-@pytest.mark.parametrize("layer", [LAYERS // 2, 0, 1, LAYERS - 1, LAYERS])
-def test_tokens_equal_withdrawn_model(llm, hf, layer):
+def _check_workload_at(llm, hf, layer):
+    """The shared engine re-wired to K = `layer` (set_layer), the workload against the reference,
+    no block left; returns the state the workload ran with (None at K = L)."""
     _runner.set_layer(_runner_of(llm), layer)
     try:
         got, preempted = tiny.run_workload(llm, NEW, PROMPTS, image=tiny.gemma_image, aborted=ABORTED)
         st = _runner.state_of(_runner_of(llm))
     finally:
         _runner.set_layer(_runner_of(llm), LAYERS // 2)
+    window = hf[0].model.language_model.config.sliding_window
     want = _reference(hf, layer, _bidirectional(llm))
     for (gp, gt), (wp, wt), (text, _) in zip(got, want, PROMPTS):
         assert gp == wp, f"prompt ids differ for {text!r}"
-        assert gt == wt, f"K={layer}, {text!r}: vLLM {gt} != reference {wt}"
+        assert gt == wt, f"window {window}, K={layer}, {text!r}: vLLM {gt} != reference {wt}"
     assert preempted > 0, "the workload was meant to preempt a request"
     free, total = tiny.free_blocks(llm)
     assert free == total, f"{total - free} KV blocks still held after the workload"
@@ -295,31 +301,46 @@ def test_tokens_equal_withdrawn_model(llm, hf, layer):
         assert st is not None and st.steps > 0
     else:
         assert st is None
+    return st
+
+
+@pytest.mark.parametrize("layer", [LAYERS // 2, 0, 1, LAYERS - 1, LAYERS])
+def test_tokens_equal_withdrawn_model(llm, hf, layer):
+    st = _check_workload_at(llm, hf, layer)
+    assert st is None or st.positional == {}  # the window cannot bind: nothing by position
+
+
+def _check_text_only_engine(engine, hf, group_ok):
+    """The text_only engine at K = L/2 with vLLM's default compilation: its KV cache groups
+    (group_ok(group, deep layer names of the group, state) for each group holding a deep layer),
+    then the workload against the reference, compiled and eager steps, no block left."""
+    kv = engine.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
+    st = _runner.state_of(_runner_of(engine))
+    deep = set(st.names.values())
+    for g in kv.kv_cache_groups:
+        mine = deep & set(g.layer_names)
+        assert not mine or group_ok(g, mine, st), g
+    got, preempted = tiny.run_workload(engine, NEW, PROMPTS, image=tiny.gemma_image, aborted=ABORTED)
+    for (gp, gt), (wp, wt) in zip(got, _reference(hf, LAYERS // 2, _bidirectional(engine))):
+        assert gp == wp
+        assert gt == wt, f"text_only, K={LAYERS // 2}: vLLM {gt} != reference {wt}"
+    assert preempted > 0
+    compiles, compiled, eager = tiny.step_paths(engine)
+    assert compiles and compiled > 0 and eager > 0, (compiles, compiled, eager)
+    free, total = tiny.free_blocks(engine)
+    assert free == total
 
 
 def test_text_only_compiled_engine(folder, hf, llm):
     """A second engine: vtw_kv="text_only" at K = L/2 (deep sliding layers 3, 4, whose window
     cannot bind, and the full layer 5 in text-only KV groups), vLLM's default compilation."""
+    from vtw.vllm._text_only import TextOnlyAttentionSpec
+
     del llm  # the module engine stays; this one is started after it
     engine = _engine(folder, num_gpu_blocks_override=NUM_BLOCKS_TEXT_ONLY, hf_overrides={"vtw_layer": LAYERS // 2})
     try:
-        from vtw.vllm._text_only import TextOnlyAttentionSpec
-
-        kv = engine.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
-        st = _runner.state_of(_runner_of(engine))
-        deep = set(st.names.values())
-        for g in kv.kv_cache_groups:
-            mine = deep & set(g.layer_names)
-            assert not mine or (mine == set(g.layer_names) and isinstance(g.kv_cache_spec, TextOnlyAttentionSpec)), g
-        got, preempted = tiny.run_workload(engine, NEW, PROMPTS, image=tiny.gemma_image, aborted=ABORTED)
-        for (gp, gt), (wp, wt) in zip(got, _reference(hf, LAYERS // 2, _bidirectional(engine))):
-            assert gp == wp
-            assert gt == wt, f"text_only, K={LAYERS // 2}: vLLM {gt} != reference {wt}"
-        assert preempted > 0
-        compiles, compiled, eager = tiny.step_paths(engine)
-        assert compiles and compiled > 0 and eager > 0, (compiles, compiled, eager)
-        free, total = tiny.free_blocks(engine)
-        assert free == total
+        _check_text_only_engine(engine, hf, lambda g, mine, st: mine == set(g.layer_names)
+                                and isinstance(g.kv_cache_spec, TextOnlyAttentionSpec))
     finally:
         del engine
 
@@ -339,11 +360,7 @@ def folder_short(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_short(folder_short):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(folder_short, dtype=torch.float32,
-                                                        attn_implementation="eager").eval()
-    return model, AutoProcessor.from_pretrained(folder_short)
+    return _hf(folder_short)
 
 
 @pytest.fixture(scope="module")
@@ -385,51 +402,29 @@ def test_short_window_engine_start(llm_short):
 @pytest.mark.parametrize("layer", [LAYERS // 2, 0, 1, LAYERS - 1, LAYERS])
 def test_short_window_tokens_equal_withdrawn_model(llm_short, hf_short, layer):
     """shared KV, the window over original positions in the deep sliding layers, K = 0 .. L."""
-    _runner.set_layer(_runner_of(llm_short), layer)
-    try:
-        got, preempted = tiny.run_workload(llm_short, NEW, PROMPTS, image=tiny.gemma_image, aborted=ABORTED)
-        st = _runner.state_of(_runner_of(llm_short))
-        positional = dict(st.positional) if st is not None else {}
-    finally:
-        _runner.set_layer(_runner_of(llm_short), LAYERS // 2)
-    assert positional == {i: SHORT for i in range(layer, 5)}
-    want = _reference(hf_short, layer, _bidirectional(llm_short))
-    for (gp, gt), (wp, wt), (text, _) in zip(got, want, PROMPTS):
-        assert gp == wp, f"prompt ids differ for {text!r}"
-        assert gt == wt, f"window {SHORT}, K={layer}, {text!r}: vLLM {gt} != reference {wt}"
-    assert preempted > 0, "the workload was meant to preempt a request"
-    free, total = tiny.free_blocks(llm_short)
-    assert free == total, f"{total - free} KV blocks still held after the workload"
+    st = _check_workload_at(llm_short, hf_short, layer)
+    assert (dict(st.positional) if st is not None else {}) == {i: SHORT for i in range(layer, 5)}
 
 
 def test_short_window_text_only_compiled_engine(folder_short, hf_short, llm_short):
     """vtw_kv="text_only" (the default) at K = L/2 with vLLM's default compilation: the deep
     sliding layers 3, 4 stay in vLLM's sliding-window groups (by position), the full layer 5 goes
     to a text-only group."""
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    from vtw.vllm._text_only import TextOnlyAttentionSpec
+
+    def group_ok(g, mine, st):
+        if st.names[5] in mine:  # the full layer: a text-only group of its own
+            return set(g.layer_names) == {st.names[5]} and isinstance(g.kv_cache_spec, TextOnlyAttentionSpec)
+        # the sliding layers 3, 4: vLLM's sliding-window groups, by position
+        return (mine <= {st.names[3], st.names[4]} and type(g.kv_cache_spec) is SlidingWindowSpec
+                and g.kv_cache_spec.sliding_window == SHORT)
+
     del llm_short
     engine = _engine(folder_short, max_model_len=SHORT_MAX_LEN, num_gpu_blocks_override=NUM_BLOCKS_SHARED,
                      hf_overrides={"vtw_layer": LAYERS // 2})
     try:
-        from vllm.v1.kv_cache_interface import SlidingWindowSpec
-
-        from vtw.vllm._text_only import TextOnlyAttentionSpec
-
-        kv = engine.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
-        st = _runner.state_of(_runner_of(engine))
-        name5, sliding = st.names[5], {st.names[3], st.names[4]}
-        for g in kv.kv_cache_groups:
-            if name5 in g.layer_names:
-                assert set(g.layer_names) == {name5} and isinstance(g.kv_cache_spec, TextOnlyAttentionSpec), g
-            if sliding & set(g.layer_names):
-                assert type(g.kv_cache_spec) is SlidingWindowSpec and g.kv_cache_spec.sliding_window == SHORT, g
-        got, preempted = tiny.run_workload(engine, NEW, PROMPTS, image=tiny.gemma_image, aborted=ABORTED)
-        for (gp, gt), (wp, wt) in zip(got, _reference(hf_short, LAYERS // 2, _bidirectional(engine))):
-            assert gp == wp
-            assert gt == wt, f"text_only, window {SHORT}, K={LAYERS // 2}: vLLM {gt} != reference {wt}"
-        assert preempted > 0
-        compiles, compiled, eager = tiny.step_paths(engine)
-        assert compiles and compiled > 0 and eager > 0, (compiles, compiled, eager)
-        free, total = tiny.free_blocks(engine)
-        assert free == total
+        _check_text_only_engine(engine, hf_short, group_ok)
     finally:
         del engine
