@@ -1,6 +1,8 @@
-"""The exactness checks of vtw.vllm for the plain causal decoders with their own visual token
-ids (LLaVA-OneVision, InternVL in the HF format): one withdrawn-model reference recomputed
-cache-free on the Hugging Face modules, and the engine workloads compared with it.
+"""The exactness checks the vtw.vllm family modules share: loading the HF model, the engine's
+runner, the workload compared with a reference and every KV block free afterwards, a shared engine
+re-wired to one K for one workload, a compiling engine's step paths; and, for the plain causal
+decoders with their own visual token ids (LLaVA-OneVision, InternVL in the HF format), one
+withdrawn-model reference recomputed cache-free on the Hugging Face modules.
 
 The reference is the paper's algorithm written out on the HF language model: layers < K on
 every token, layers >= K on the kept tokens only at their original (1-D) positions, the last
@@ -9,9 +11,51 @@ test module from the family's config fields (not from vtw's reading of them); a 
 with a visual id is withdrawn too, as in vtw.enable.
 """
 
+import os
+
 import torch
 
-from vtw.vllm import tiny
+from vtw.vllm import _config, _runner, tiny
+
+
+def load_hf(folder, attn="sdpa", eos=True):
+    """(model, processor) of the tiny model in `folder`, float32; eos=False: generation never stops
+    early (the reference generates a fixed number of tokens)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn).eval()
+    if not eos:
+        model.generation_config.eos_token_id = None
+    return model, AutoProcessor.from_pretrained(folder)
+
+
+def runner_of(llm):
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+
+
+def check_runner(st):
+    """vtw is wired into the runner this process asked vLLM for (MRv2 under VLLM_USE_V2_MODEL_RUNNER=1)."""
+    mrv2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1"
+    assert ("Model Runner V2" in st.runner_name) == mrv2, st.runner_name
+
+
+def at_layer(llm, layer, run):
+    """Runs run() with the (eager, shared) engine re-wired to K = `layer`, then back to the engine's
+    own vtw_layer; returns (run()'s result, the state it ran with: None at K = L)."""
+    runner = runner_of(llm)
+    _runner.set_layer(runner, layer)
+    try:
+        out = run()
+        st = _runner.state_of(runner)
+    finally:
+        _runner.set_layer(runner, _config.settings(runner.model_config).layer)
+    return out, st
+
+
+def check_compiled(engine):
+    """A compiling engine ran both compiled steps (every token kept) and eager ones (visual tokens)."""
+    compiles, compiled, eager = tiny.step_paths(engine)
+    assert compiles and compiled > 0 and eager > 0, (compiles, compiled, eager)
 
 
 class _Stop(Exception):
@@ -76,15 +120,17 @@ def reference(hf, layer, prompts, new_tokens, image, visual):
 
 
 def check_workload(llm, want, prompts, new_tokens, image, aborted, layer):
-    """Runs tiny.run_workload on `llm` and compares it with `want` (the reference at `layer`);
-    every KV block must be free afterwards. Returns the number of preemptions."""
+    """Runs tiny.run_workload on `llm` and compares it with `want` (the reference at `layer`); the
+    workload must have preempted a request, and every KV block must be free afterwards. Returns
+    the engine's (prompt ids, tokens) per prompt."""
     got, preempted = tiny.run_workload(llm, new_tokens, prompts, image=image, aborted=aborted)
     for (gp, gt), (wp, wt), (text, _) in zip(got, want, prompts):
         assert gp == wp, f"prompt ids differ for {text!r}"
         assert gt == wt, f"K={layer}, {text!r}: vLLM {gt} != reference {wt}"
+    assert preempted > 0, "the workload was meant to preempt a request"
     free, total = tiny.free_blocks(llm)
     assert free == total, f"{total - free} KV blocks still held after the workload"
-    return preempted
+    return got
 
 
 def changes_image_requests(full, withdrawn, prompts, visual):

@@ -18,11 +18,10 @@ with its own rotary. The masks are checked against Hugging Face's own Gemma 3 fo
 without token_type_ids) at K = L.
 """
 
-import os
-
 import pytest
 
 import _vllm  # noqa: E402,F401  (skips without vLLM; the engine environment)
+import _vllm_plain as plain  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -67,21 +66,9 @@ NUM_BLOCKS_SHARED = 30
 NUM_BLOCKS_TEXT_ONLY = 10
 
 
-def _hf(folder):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32,
-                                                        attn_implementation="eager").eval()
-    return model, AutoProcessor.from_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def hf(folder):
-    return _hf(folder)
-
-
-def _runner_of(llm):
-    return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    return plain.load_hf(folder, attn="eager")
 
 
 def _bidirectional(llm) -> bool:
@@ -90,34 +77,10 @@ def _bidirectional(llm) -> bool:
     range in the attention metadata, which only a backend with ``supports_mm_prefix()`` applies
     (vLLM's CPU backend does not: there the image tokens attend causally, as in stock vLLM)."""
     mc = llm.llm_engine.vllm_config.model_config
-    runner = _runner_of(llm)
+    runner = plain.runner_of(llm)
     layers = _runner.language_layers(runner.get_model() if hasattr(runner, "get_model") else runner.model)[0]
     backend = layers[0].self_attn.attn.attn_backend
     return bool(mc.is_mm_prefix_lm and backend.supports_mm_prefix())
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def _lm_embeds(model, inputs):
-    """The language model's input embeddings as HF computes them (scaled text embeddings, the
-    projected picture scattered in)."""
-    got = {}
-
-    def hook(mod, args, kwargs):
-        got["e"] = kwargs["inputs_embeds"]
-        raise _Stop
-
-    h = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        model(**inputs)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    return got["e"]
 
 
 def _picture_blocks(token_type_ids, n):
@@ -194,7 +157,7 @@ def _compute_reference(hf, layer, bidirectional):
     for text, seed in PROMPTS:
         inputs = _inputs(proc, text, seed)
         ids = inputs["input_ids"][0]
-        embeds = _lm_embeds(model, inputs)
+        embeds = plain.lm_inputs_embeds(model, inputs)
         toks = []
         for _ in range(NEW):
             blocks = _picture_blocks(inputs["token_type_ids"], ids.numel())
@@ -216,7 +179,7 @@ def test_reference_masks_are_hf_gemma3(hf):
     for text, seed in PROMPTS:
         inputs = _inputs(proc, text, seed)
         ids = inputs["input_ids"][0]
-        embeds = _lm_embeds(model, inputs)
+        embeds = plain.lm_inputs_embeds(model, inputs)
         blocks = _picture_blocks(inputs["token_type_ids"], ids.numel())
         with torch.no_grad():
             bidi = model(**inputs).logits[0, -1]
@@ -270,33 +233,21 @@ def test_binding_window_with_a_quantised_cache_is_refused(folder):
 
 
 def test_engine_start(llm):
-    st = _runner.state_of(_runner_of(llm))
+    st = _runner.state_of(plain.runner_of(llm))
     assert st is not None and st.settings.layer == LAYERS // 2 and st.settings.family == "Gemma 3"
     assert st.settings.token_ids == (llm.llm_engine.vllm_config.model_config.hf_config.image_token_index,)
     # both layer kinds are deep at K = L/2, and vLLM gave the sliding ones their window
     kinds = {i: st.layers[i].self_attn.attn.sliding_window for i in st.names}
     assert kinds == {3: WINDOW, 4: WINDOW, 5: None}, kinds
-    mrv2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1"
-    assert ("Model Runner V2" in st.runner_name) == mrv2, st.runner_name
+    plain.check_runner(st)
 
 
 def _check_workload_at(llm, hf, layer):
-    """The shared engine re-wired to K = `layer` (set_layer), the workload against the reference,
-    no block left; returns the state the workload ran with (None at K = L)."""
-    _runner.set_layer(_runner_of(llm), layer)
-    try:
-        got, preempted = tiny.run_workload(llm, NEW, PROMPTS, image=tiny.gemma_image, aborted=ABORTED)
-        st = _runner.state_of(_runner_of(llm))
-    finally:
-        _runner.set_layer(_runner_of(llm), LAYERS // 2)
-    window = hf[0].model.language_model.config.sliding_window
+    """The shared engine re-wired to K = `layer`: the workload against the reference (preempted,
+    no block left); returns the state the workload ran with (None at K = L)."""
     want = _reference(hf, layer, _bidirectional(llm))
-    for (gp, gt), (wp, wt), (text, _) in zip(got, want, PROMPTS):
-        assert gp == wp, f"prompt ids differ for {text!r}"
-        assert gt == wt, f"window {window}, K={layer}, {text!r}: vLLM {gt} != reference {wt}"
-    assert preempted > 0, "the workload was meant to preempt a request"
-    free, total = tiny.free_blocks(llm)
-    assert free == total, f"{total - free} KV blocks still held after the workload"
+    _, st = plain.at_layer(llm, layer, lambda: plain.check_workload(llm, want, PROMPTS, NEW, tiny.gemma_image,
+                                                                    ABORTED, layer))
     if layer < LAYERS:
         assert st is not None and st.steps > 0
     else:
@@ -315,7 +266,7 @@ def _check_text_only_engine(engine, hf, group_ok):
     (group_ok(group, deep layer names of the group, state) for each group holding a deep layer),
     then the workload against the reference, compiled and eager steps, no block left."""
     kv = engine.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
-    st = _runner.state_of(_runner_of(engine))
+    st = _runner.state_of(plain.runner_of(engine))
     deep = set(st.names.values())
     for g in kv.kv_cache_groups:
         mine = deep & set(g.layer_names)
@@ -360,7 +311,7 @@ def folder_short(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_short(folder_short):
-    return _hf(folder_short)
+    return plain.load_hf(folder_short, attn="eager")
 
 
 @pytest.fixture(scope="module")
@@ -390,7 +341,7 @@ def test_short_window_binds_in_the_reference(hf_short):
 
 
 def test_short_window_engine_start(llm_short):
-    st = _runner.state_of(_runner_of(llm_short))
+    st = _runner.state_of(plain.runner_of(llm_short))
     assert st.positional == {3: SHORT, 4: SHORT}
     from vtw.vllm._window import WindowImpl
 

@@ -6,13 +6,9 @@ workload with preemption, 32-token prefill chunks that split every image, an abo
 text-only requests; K = 0, 1, L/2, L-1, L on one eager engine re-wired per K (shared KV), and
 vtw_kv="text_only" on an engine with vLLM's compilation on; every KV block is free afterwards."""
 
-import os
-
 import pytest
 
 import _vllm  # noqa: E402,F401  (skips without vLLM; the engine environment)
-
-import torch  # noqa: E402
 
 import _vllm_plain as plain  # noqa: E402
 from vtw.vllm import _runner, tiny  # noqa: E402
@@ -38,11 +34,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf(folder):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32,
-                                                        attn_implementation="sdpa").eval()
-    return model, AutoProcessor.from_pretrained(folder)
+    return plain.load_hf(folder)
 
 
 def _visual(hf):  # the family's config fields, read here (not through vtw)
@@ -77,25 +69,16 @@ def llm(folder):
     del engine
 
 
-def _runner_of(llm):
-    return llm.llm_engine.model_executor.driver_worker.worker.model_runner
-
-
 def test_engine_start(llm):
-    st = _runner.state_of(_runner_of(llm))
+    st = _runner.state_of(plain.runner_of(llm))
     assert st is not None and st.settings.layer == LAYERS // 2 and st.settings.family == "LLaVA-OneVision"
-    mrv2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1"
-    assert ("Model Runner V2" in st.runner_name) == mrv2, st.runner_name
+    plain.check_runner(st)
 
 
 @pytest.mark.parametrize("layer", [LAYERS // 2, 0, 1, LAYERS - 1, LAYERS])
 def test_tokens_equal_withdrawn_model(llm, hf, layer):
-    _runner.set_layer(_runner_of(llm), layer)
-    try:
-        preempted = plain.check_workload(llm, _reference(hf, layer), PROMPTS, NEW, tiny.ov_image, ABORTED, layer)
-    finally:
-        _runner.set_layer(_runner_of(llm), LAYERS // 2)
-    assert preempted > 0, "the workload was meant to preempt a request"
+    plain.at_layer(llm, layer, lambda: plain.check_workload(llm, _reference(hf, layer), PROMPTS, NEW, tiny.ov_image,
+                                                            ABORTED, layer))
 
 
 def test_text_only_compiled_tokens_equal_withdrawn_model(folder, hf):
@@ -105,10 +88,8 @@ def test_text_only_compiled_tokens_equal_withdrawn_model(folder, hf):
     # the pool holds a max_model_len request (4 blocks) in each of the 4 KV groups, hardly more
     engine = _engine(folder, "text_only", 1, blocks=4 * 4 + 1, eager=False)
     try:
-        preempted = plain.check_workload(engine, _reference(hf, 1), PROMPTS, NEW, tiny.ov_image, ABORTED, 1)
-        assert preempted > 0, "the workload was meant to preempt a request"
-        compiles, compiled, eager = tiny.step_paths(engine)
-        assert compiles and compiled > 0 and eager > 0, (compiles, compiled, eager)
+        plain.check_workload(engine, _reference(hf, 1), PROMPTS, NEW, tiny.ov_image, ABORTED, 1)
+        plain.check_compiled(engine)
     finally:
         del engine
 

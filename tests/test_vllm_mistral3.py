@@ -10,13 +10,10 @@ Only the [IMG] positions are visual: a picture's rows end in [IMG_BREAK] and the
 [IMG_END], text tokens that the deep layers keep (checked against the reference, which keeps every
 token but the config's image token id)."""
 
-import os
-
 import pytest
 
 import _vllm  # noqa: E402,F401  (skips without vLLM; the engine environment)
-
-import torch  # noqa: E402
+import _vllm_plain as plain  # noqa: E402
 
 from test_vllm_llava import _reference as _llava_reference  # noqa: E402
 from vtw.vllm import _runner, tiny  # noqa: E402
@@ -42,12 +39,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf(folder):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32,
-                                                        attn_implementation="sdpa").eval()
-    model.generation_config.eos_token_id = None
-    return model, AutoProcessor.from_pretrained(folder)
+    return plain.load_hf(folder, eos=False)
 
 
 def _reference(hf, layer):
@@ -73,40 +65,23 @@ def llm(folder):
     del engine
 
 
-def _runner_of(llm):
-    return llm.llm_engine.model_executor.driver_worker.worker.model_runner
-
-
 def _check(llm, hf, layer):
-    got, preempted = tiny.run_workload(llm, NEW, PROMPTS, image=tiny.mistral3_image, aborted=ABORTED)
-    for (gp, gt), (wp, wt), (text, _) in zip(got, _reference(hf, layer), PROMPTS):
-        assert gp == wp, f"prompt ids differ for {text!r}"
-        assert gt == wt, f"K={layer}, {text!r}: vLLM {gt} != reference {wt}"
-    assert preempted > 0, "the workload was meant to preempt a request"
-    free, total = tiny.free_blocks(llm)
-    assert free == total, f"{total - free} KV blocks still held after the workload"
-    return got
+    return plain.check_workload(llm, _reference(hf, layer), PROMPTS, NEW, tiny.mistral3_image, ABORTED, layer)
 
 
 def test_visual_tokens_from_the_config(llm, hf):
     """vtw withdraws the config's image token id ([IMG]) only, in the runner this process asked for."""
     model, proc = hf
-    st = _runner.state_of(_runner_of(llm))
+    st = _runner.state_of(plain.runner_of(llm))
     img = model.config.image_token_index
     assert img == proc.tokenizer.convert_tokens_to_ids("[IMG]") and img != 4  # not the embedded model's id
     assert tuple(st.visual) == (img,), st.visual
-    mrv2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1"
-    assert ("Model Runner V2" in st.runner_name) == mrv2, st.runner_name
+    plain.check_runner(st)
 
 
 @pytest.mark.parametrize("layer", [LAYERS // 2, 0, 1, LAYERS - 1, LAYERS])
 def test_tokens_equal_withdrawn_model(llm, hf, layer):
-    _runner.set_layer(_runner_of(llm), layer)
-    try:
-        got = _check(llm, hf, layer)
-        st = _runner.state_of(_runner_of(llm))
-    finally:
-        _runner.set_layer(_runner_of(llm), LAYERS // 2)
+    got, st = plain.at_layer(llm, layer, lambda: _check(llm, hf, layer))
     if layer < LAYERS:  # the deep layers ran on the text tokens, [IMG_BREAK] / [IMG_END] included
         img = hf[0].config.image_token_index
         assert st.deep_tokens_total >= sum(sum(1 for i in p if i != img) for p, _ in got)
@@ -130,7 +105,6 @@ def test_text_only_tokens_equal_withdrawn_model(folder, hf):
     engine = _engine(folder, "text_only", 1, blocks=4 * 3 + 1, eager=False, max_model_len=96)
     try:
         _check(engine, hf, 1)
-        compiles, compiled, eager = tiny.step_paths(engine)
-        assert compiles and compiled > 0 and eager > 0, (compiles, compiled, eager)
+        plain.check_compiled(engine)
     finally:
         del engine
