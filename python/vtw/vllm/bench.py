@@ -142,6 +142,149 @@ def _chat(llm, new, system, question, follow_up_ids, images, image_id):
                 cached_fraction_turn2=r2["cached_tokens"] / r2["prompt_tokens"])
 
 
+# (a) for other families: the real model's layer structure on a small hidden size
+FAMILIES = {  # name: (decoder layers, what the real model is)
+    "qwen3_vl": (28, "Qwen3-VL-2B: 28 decoder layers, DeepStack after the first 3"),
+    "gemma3": (34, "Gemma 3 4B: 34 decoder layers, 5 sliding (window 1024) + 1 full, 256 image tokens a picture"),
+}
+GEMMA_WINDOW = 1024
+
+
+def _kv_layout(llm) -> dict:
+    """The engine's KV layout as vLLM allocated it: groups (layers each, spec kind), blocks, bytes."""
+    cfg = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
+    groups = [(len(g.layer_names), type(g.kv_cache_spec).__name__) for g in cfg.kv_cache_groups]
+    # the groups' tensors alias one buffer (offset 0 each: a block id holds one group's layers)
+    return dict(groups=groups, num_blocks=int(cfg.num_blocks),
+                kv_bytes=int(max(t.offset + t.size for t in cfg.kv_cache_tensors)))
+
+
+def _family_engine(folder, layer, kv, blocks, bs, max_len):
+    from vllm import LLM
+
+    over = {} if layer is None else {"vtw_layer": layer, "vtw_kv": kv}
+    return LLM(str(folder), dtype="float32", distributed_executor_backend="uni", max_model_len=max_len,
+               max_num_batched_tokens=8192, max_num_seqs=256, seed=0, block_size=bs, num_gpu_blocks_override=blocks,
+               enforce_eager=True, hf_overrides=over or None, limit_mm_per_prompt={"image": 1})
+
+
+def ideal_ratio(n_tok, n_text, shared_tokens, bs, L, K):
+    """Stock's KV slots per request over text_only's, in units of one layer's block: every stock
+    layer holds cdiv(T, bs) blocks, a text_only layer >= K only cdiv(T_text, bs); the full blocks
+    wholly before the picture (shared_tokens // bs, hits of prefix caching) are counted once for all
+    requests, so not per request. T = prompt (+ new tokens at the end)."""
+    sb = shared_tokens // bs
+    stock = (_cdiv(n_tok, bs) - sb) * L
+    vtw = (_cdiv(n_tok, bs) - sb) * K + (_cdiv(n_text, bs) - sb) * (L - K)
+    return stock / vtw
+
+
+def capacity(family, layers=None, layer=None, system_tokens=35, text_tokens=60, new=16, bs=32, kv_requests=8,
+             max_len=None, long_len=4096, image_tokens=256):
+    """(a) for `family` (qwen3_vl, gemma3): the most requests running at once under the same KV
+    bytes (kv_requests x stock's per-request slots at block size bs) for stock (its defaults:
+    prefix caching on; its own KV layout), vtw text_only and vtw shared; gemma3 also stock at
+    max_model_len `long_len` (its sliding layers bounded by the window)."""
+    from vtw.vllm import tiny
+
+    L = layers or FAMILIES[family][0]
+    K = L // 2 if layer is None else layer
+    folder = tempfile.mkdtemp(prefix=f"vtw-vllm-bench-{family}-")
+    if family == "qwen3_vl":
+        side = int(round((image_tokens ** 0.5) * 32))  # 16-pixel patches merged 2 x 2
+        tiny.build_qwen3_vl(folder, layers=L, deepstack=3, max_edge=side)
+        mark, image_fn = tiny.QWEN_IMAGE, (lambda i: _noise(i, side))
+    elif family == "gemma3":
+        tiny.build_gemma3(folder, layers=L, sliding_window=GEMMA_WINDOW, image_tokens=image_tokens)
+        mark, image_fn = tiny.GEMMA_IMAGE, (lambda i: _noise(i, 64))
+    else:
+        raise ValueError(family)
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(folder)
+    words = "describe the shapes and colors".split()
+
+    def text(n):
+        return " ".join(words[i % 5] for i in range(max(n, 0)))
+
+    prompt = f"{text(system_tokens - 1)} {mark} {text(text_tokens)}"
+    ids = proc(text=prompt, images=image_fn(0), return_tensors="pt")["input_ids"][0].tolist()
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    image_id = cfg.get("image_token_id", cfg.get("image_token_index"))
+    n_tok, n_image = len(ids), sum(t == image_id for t in ids)
+    n_text = n_tok - n_image
+    first_image = ids.index(image_id)
+    T, Tt = n_tok + new, n_text + new
+    if max_len is None:
+        max_len = min(_cdiv(T + 8, bs) * bs, GEMMA_WINDOW) if family == "gemma3" else _cdiv(T + 8, bs) * bs
+    budget_pages = kv_requests * _cdiv(T, bs) * L  # layer-blocks: kv_requests stock requests, no sharing
+    res = dict(family=family, structure=FAMILIES[family][1], layers=L, K=K, hidden=64, tokens=n_tok, text_tokens=n_text,
+               image_tokens=n_image, tokens_before_image=first_image, new=new, block_size=bs, max_model_len=max_len,
+               kv_budget_layer_blocks=budget_pages, kv_budget_stock_requests=kv_requests,
+               ideal_ratio=ideal_ratio(T, Tt, first_image, bs, L, K),
+               ideal_ratio_at_admission=ideal_ratio(n_tok, n_text, first_image, bs, L, K), engines={})
+    prompts = [{"prompt": prompt, "multi_modal_data": {"image": image_fn(i)}} for i in range(kv_requests * 4)]
+    runs = [("stock", None, None, max_len), ("text_only", K, "text_only", max_len), ("shared", K, "shared", max_len)]
+    if family == "gemma3" and long_len:  # (the budget must hold one long_len request, or vLLM refuses)
+        runs.append(("stock_long", None, None, long_len))
+    for name, lay, kv, mlen in runs:
+        per_block = 1  # a first guess of layers per block (the most blocks); re-run once with vLLM's grouping
+        for _ in range(3):
+            blocks = budget_pages // per_block + 1  # + vLLM's null block
+            llm = _family_engine(folder, lay, kv, blocks, bs, mlen)
+            lay_out = _kv_layout(llm)
+            got = lay_out["groups"][0][0]
+            if got == per_block and all(g == got for g, _ in lay_out["groups"]):
+                break
+            _close(llm)
+            per_block = got
+        most = _workload(llm, new, prompts)[0]["most_running"]
+        _close(llm)
+        res["engines"][name] = dict(most_running=most, max_model_len=mlen, layers_per_block=per_block,
+                                    kv_layer_blocks=(blocks - 1) * per_block, **lay_out)
+    stock = res["engines"]["stock"]["most_running"]
+    for name, e in res["engines"].items():
+        e["vs_stock"] = e["most_running"] / stock
+    res["of_ideal"] = res["engines"]["text_only"]["vs_stock"] / res["ideal_ratio"]
+    return res
+
+
+def _noise(seed, side):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
+
+
+def capacity_table(res) -> str:
+    lines = [f"vLLM (CPU), {res['family']} ({res['structure']}; hidden {res['hidden']}): {res['layers']} layers, "
+             f"K = {res['K']}, {res['tokens']} prompt tokens ({res['image_tokens']} image tokens from the processor, "
+             f"{res['tokens_before_image']} before the picture), {res['new']} new tokens, block size {res['block_size']}, "
+             f"KV bytes = {res['kv_budget_stock_requests']} stock requests' slots ({res['kv_budget_layer_blocks']} layer-blocks)",
+             f"    {'engine':<11} {'max_model_len':>13} {'KV groups (layers x spec)':<44} {'layer-blocks':>12} "
+             f"{'most running':>12} {'vs stock':>8}"]
+    for name, e in res["engines"].items():
+        groups = ", ".join(f"{n}x{s.replace('Spec', '')}" for n, s in _runs(e["groups"]))
+        lines.append(f"    {name:<11} {e['max_model_len']:>13} {groups:<44} {e['kv_layer_blocks']:>12} "
+                     f"{e['most_running']:>12} {e['vs_stock']:>7.2f}x")
+    lines.append(f"    ideal text_only / stock from block arithmetic: {res['ideal_ratio']:.2f}x (prompt + new tokens), "
+                 f"{res['ideal_ratio_at_admission']:.2f}x (prompt); measured {res['of_ideal']:.2f} of ideal")
+    return "\n".join(lines)
+
+
+def _runs(groups):
+    """[(layers, spec)] folded into [(count, 'layers-per-group spec')]."""
+    out = []
+    for n, s in groups:
+        key = f"{n}-layer {s}"
+        if out and out[-1][1] == key:
+            out[-1][0] += 1
+        else:
+            out.append([1, key])
+    return [(c, k) for c, k in out]
+
+
 def table(res) -> str:
     """The results as a plain-text table."""
     lines = [f"vLLM (CPU), LLaVA-shaped random model: {res['layers']} layers, hidden {res['hidden']}, K = {res['K']}, "
@@ -182,7 +325,10 @@ def table(res) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--family", choices=["llava", *FAMILIES], default="llava",
+                    help="llava: (a)-(c) on a LLaVA-shaped model; qwen3_vl, gemma3: (a) only, the real model's "
+                         "layer structure (--layers default 28 / 34), --kv-requests, --new, --block-size apply")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 8; the family's own)")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--intermediate", type=int, default=None, help="MLP width (default 2 x hidden)")
@@ -209,6 +355,18 @@ def main(argv=None):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    if args.family != "llava":
+        res = capacity(args.family, layers=args.layers, layer=args.layer, system_tokens=args.system_tokens,
+                       text_tokens=args.text_tokens, new=args.new, bs=args.block_size, kv_requests=args.kv_requests)
+        res["date"] = time.strftime("%Y-%m-%d")
+        if not args.quiet:
+            print(json.dumps(res, indent=1))
+        print(capacity_table(res))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
+    args.layers = args.layers or 8
     global TP
     TP = args.tp
     if TP > 1:

@@ -314,9 +314,12 @@ def next_image(seed: int):
 QWEN3_DEEPSTACK = 2  # decoder layers followed by a DeepStack injection (len(deepstack_visual_indexes))
 
 
-def build_qwen3_vl(folder, seed: int = 0, layers: int = 4, moe: bool = False) -> Path:
+def build_qwen3_vl(folder, seed: int = 0, layers: int = 4, moe: bool = False, deepstack: int = QWEN3_DEEPSTACK,
+                   max_edge: int = 128) -> Path:
     """Writes a random tiny Qwen3-VL (``moe=True``: Qwen3-VL-MoE, 4 experts of which 2 per token,
-    in every layer) in float32, with its tokenizer and processor, to `folder`."""
+    in every layer) in float32, with its tokenizer and processor, to `folder`. `deepstack`: decoder
+    layers followed by a DeepStack injection (Qwen3-VL-2B: 3); `max_edge`: the processor's largest
+    square picture in pixels (512: 256 image tokens)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
@@ -350,9 +353,9 @@ def build_qwen3_vl(folder, seed: int = 0, layers: int = 4, moe: bool = False) ->
                     norm_topk_prob=True)
     else:
         config_cls, model_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    vision = dict(depth=QWEN3_DEEPSTACK, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64,
+    vision = dict(depth=deepstack, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64,
                   patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-                  num_position_embeddings=64, deepstack_visual_indexes=list(range(QWEN3_DEEPSTACK)))
+                  num_position_embeddings=64, deepstack_visual_indexes=list(range(deepstack)))
     cfg = config_cls(text_config=text, vision_config=vision,
                      image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
                      vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
@@ -366,7 +369,7 @@ def build_qwen3_vl(folder, seed: int = 0, layers: int = 4, moe: bool = False) ->
     model.save_pretrained(folder)
     if moe:
         _qwen3_vl_moe_released_layout(folder)
-    size = {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}
+    size = {"shortest_edge": 64 * 64, "longest_edge": max_edge * max_edge}
     ip = Qwen2VLImageProcessorPil(size=size, patch_size=16, merge_size=2, temporal_patch_size=2,
                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
     vp = Qwen3VLVideoProcessor(size=size, patch_size=16, merge_size=2, temporal_patch_size=2,
@@ -414,10 +417,11 @@ GEMMA_NEWLINES = ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]
 GEMMA_IMAGE = "<start_of_image>"
 
 
-def build_gemma3(folder, seed: int = 0, layers: int = 6, sliding_window: int = 128) -> Path:
+def build_gemma3(folder, seed: int = 0, layers: int = 6, sliding_window: int = 128, image_tokens: int = 16) -> Path:
     """Writes a random tiny Gemma 3 (``Gemma3ForConditionalGeneration``) in float32, with its
     tokenizer and processor, to `folder`. Layer i slides (window `sliding_window`, rotary base
-    10 000) unless i % 6 == 5 (full attention, rotary base 1 000 000), as in Gemma 3."""
+    10 000) unless i % 6 == 5 (full attention, rotary base 1 000 000), as in Gemma 3.
+    `image_tokens` per picture (a square: 16 from 32 x 32 pixels, 256 as Gemma 3 from 64 x 64)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, PreTrainedTokenizerFast
@@ -447,9 +451,10 @@ def build_gemma3(folder, seed: int = 0, layers: int = 6, sliding_window: int = 1
                 layer_types=types, tie_word_embeddings=False,
                 rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                  "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
-    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+    side = {16: 32, 256: 64}[image_tokens]  # 4-pixel patches pooled to sqrt(image_tokens) a side
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=side,
                   patch_size=4, vision_use_head=False)
-    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=image_tokens,
                        boi_token_index=vocab["<start_of_image>"], eoi_token_index=vocab["<end_of_image>"],
                        image_token_index=vocab["<image_soft_token>"], tie_word_embeddings=False)
     torch.manual_seed(seed)
@@ -457,9 +462,9 @@ def build_gemma3(folder, seed: int = 0, layers: int = 6, sliding_window: int = 1
     with torch.no_grad():  # HF initialises the projection to zero: pictures would not matter
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
     _save_llava_hf_layout(model, folder)  # vision_tower.vision_model.* (vLLM's SigLIP names), as llava-hf
-    ip = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, resample=3, image_mean=[0.5] * 3,
+    ip = Gemma3ImageProcessorPil(size={"height": side, "width": side}, resample=3, image_mean=[0.5] * 3,
                                  image_std=[0.5] * 3, do_pan_and_scan=False)
-    proc = Gemma3Processor(image_processor=ip, tokenizer=fast, image_seq_length=16,
+    proc = Gemma3Processor(image_processor=ip, tokenizer=fast, image_seq_length=image_tokens,
                            chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     proc.save_pretrained(folder)
     _never_stop_on_eos(folder)
