@@ -233,11 +233,13 @@ def capacity(family, layers=None, layer=None, system_tokens=35, text_tokens=60, 
             blocks = budget_pages // per_block + 1  # + vLLM's null block
             llm = _family_engine(folder, lay, kv, blocks, bs, mlen)
             lay_out = _kv_layout(llm)
-            got = lay_out["groups"][0][0]
-            if got == per_block and all(g == got for g, _ in lay_out["groups"]):
+            got = max(g for g, _ in lay_out["groups"])  # a block id holds the largest group's layers
+            if got == per_block:
                 break
             _close(llm)
             per_block = got
+        else:
+            raise RuntimeError(f"{name}: vLLM's KV grouping did not settle: {lay_out['groups']}")
         most = _workload(llm, new, prompts)[0]["most_running"]
         _close(llm)
         res["engines"][name] = dict(most_running=most, max_model_len=mlen, layers_per_block=per_block,
