@@ -180,7 +180,7 @@ def ideal_ratio(n_tok, n_text, shared_tokens, bs, L, K):
 
 
 def capacity(family, layers=None, layer=None, system_tokens=35, text_tokens=60, new=16, bs=32, kv_requests=8,
-             max_len=None, long_len=4096, image_tokens=256):
+             max_len=None, long_len=2048, image_tokens=256):
     """(a) for `family` (qwen3_vl, gemma3): the most requests running at once under the same KV
     bytes (kv_requests x stock's per-request slots at block size bs) for stock (its defaults:
     prefix caching on; its own KV layout), vtw text_only and vtw shared; gemma3 also stock at
@@ -342,6 +342,9 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--kv-requests", type=int, default=8, help="(a): KV bytes = this many stock requests")
+    ap.add_argument("--long", type=int, default=2048,
+                    help="--family gemma3: stock also at this max_model_len (its sliding layers keep the window only); "
+                         "the KV budget must hold one such request; 0: skip")
     ap.add_argument("--chat-system-tokens", type=int, default=256, help="(c): the shared system prompt (BOS included)")
     ap.add_argument("--chat-requests", type=int, default=None, help="(c): conversations (default --requests / 2)")
     ap.add_argument("--skip-throughput", action="store_true", help="(a) only")
@@ -359,7 +362,8 @@ def main(argv=None):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     if args.family != "llava":
         res = capacity(args.family, layers=args.layers, layer=args.layer, system_tokens=args.system_tokens,
-                       text_tokens=args.text_tokens, new=args.new, bs=args.block_size, kv_requests=args.kv_requests)
+                       text_tokens=args.text_tokens, new=args.new, bs=args.block_size, kv_requests=args.kv_requests,
+                       long_len=args.long)
         res["date"] = time.strftime("%Y-%m-%d")
         if not args.quiet:
             print(json.dumps(res, indent=1))
