@@ -365,13 +365,7 @@ def main(argv=None):
                        text_tokens=args.text_tokens, new=args.new, bs=args.block_size, kv_requests=args.kv_requests,
                        long_len=args.long)
         res["date"] = time.strftime("%Y-%m-%d")
-        if not args.quiet:
-            print(json.dumps(res, indent=1))
-        print(capacity_table(res))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
-        return
+        return _report(res, capacity_table, args)
     args.layers = args.layers or 8
     global TP
     TP = args.tp
@@ -465,9 +459,14 @@ def main(argv=None):
         res["speedup"] = {n: thr[n]["requests_per_s"] / thr["stock"]["requests_per_s"] for n in thr}
         res["speedup_vs_eager"] = {n: thr[n]["requests_per_s"] / thr["stock_eager"]["requests_per_s"] for n in thr}
         res["speedup_of_ideal"] = {n: res["speedup_vs_eager"][n] / flops_ideal for n in thr if n in ("shared", "text_only")}
+    _report(res, table, args)
+
+
+def _report(res, render, args):
+    """The JSON (unless --quiet) and the table on stdout; the JSON to --json."""
     if not args.quiet:
         print(json.dumps(res, indent=1))
-    print(table(res))
+    print(render(res))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
