@@ -30,6 +30,7 @@ Engines run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), one after the ot
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import tempfile
@@ -159,15 +160,6 @@ def _kv_layout(llm) -> dict:
                 kv_bytes=int(max(t.offset + t.size for t in cfg.kv_cache_tensors)))
 
 
-def _family_engine(folder, layer, kv, blocks, bs, max_len):
-    from vllm import LLM
-
-    over = {} if layer is None else {"vtw_layer": layer, "vtw_kv": kv}
-    return LLM(str(folder), dtype="float32", distributed_executor_backend="uni", max_model_len=max_len,
-               max_num_batched_tokens=8192, max_num_seqs=256, seed=0, block_size=bs, num_gpu_blocks_override=blocks,
-               enforce_eager=True, hf_overrides=over or None, limit_mm_per_prompt={"image": 1})
-
-
 def ideal_ratio(n_tok, n_text, shared_tokens, bs, L, K):
     """Stock's KV slots per request over text_only's, in units of one layer's block: every stock
     layer holds cdiv(T, bs) blocks, a text_only layer >= K only cdiv(T_text, bs); the full blocks
@@ -193,10 +185,10 @@ def capacity(family, layers=None, layer=None, system_tokens=35, text_tokens=60, 
     if family == "qwen3_vl":
         side = int(round((image_tokens ** 0.5) * 32))  # 16-pixel patches merged 2 x 2
         tiny.build_qwen3_vl(folder, layers=L, deepstack=3, max_edge=side)
-        mark, image_fn = tiny.QWEN_IMAGE, (lambda i: _noise(i, side))
+        mark, image_fn = tiny.QWEN_IMAGE, (lambda i: tiny.image(i, side))
     elif family == "gemma3":
         tiny.build_gemma3(folder, layers=L, sliding_window=GEMMA_WINDOW, image_tokens=image_tokens)
-        mark, image_fn = tiny.GEMMA_IMAGE, (lambda i: _noise(i, 64))
+        mark, image_fn = tiny.GEMMA_IMAGE, (lambda i: tiny.image(i, 64))
     else:
         raise ValueError(family)
     from transformers import AutoProcessor
@@ -209,7 +201,8 @@ def capacity(family, layers=None, layer=None, system_tokens=35, text_tokens=60, 
 
     prompt = f"{text(system_tokens - 1)} {mark} {text(text_tokens)}"
     ids = proc(text=prompt, images=image_fn(0), return_tensors="pt")["input_ids"][0].tolist()
-    cfg = json.load(open(os.path.join(folder, "config.json")))
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
     image_id = cfg.get("image_token_id", cfg.get("image_token_index"))
     n_tok, n_image = len(ids), sum(t == image_id for t in ids)
     n_text = n_tok - n_image
@@ -231,7 +224,7 @@ def capacity(family, layers=None, layer=None, system_tokens=35, text_tokens=60, 
         per_block = 1  # a first guess of layers per block (the most blocks); re-run once with vLLM's grouping
         for _ in range(3):
             blocks = budget_pages // per_block + 1  # + vLLM's null block
-            llm = _family_engine(folder, lay, kv, blocks, bs, mlen)
+            llm = _engine(folder, lay, kv, blocks, bs, mlen, batched=8192, seqs=256)
             lay_out = _kv_layout(llm)
             got = max(g for g, _ in lay_out["groups"])  # a block id holds the largest group's layers
             if got == per_block:
@@ -249,14 +242,6 @@ def capacity(family, layers=None, layer=None, system_tokens=35, text_tokens=60, 
         e["vs_stock"] = e["most_running"] / stock
     res["of_ideal"] = res["engines"]["text_only"]["vs_stock"] / res["ideal_ratio"]
     return res
-
-
-def _noise(seed, side):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
 
 
 def capacity_table(res) -> str:
@@ -277,14 +262,7 @@ def capacity_table(res) -> str:
 
 def _runs(groups):
     """[(layers, spec)] folded into [(count, 'layers-per-group spec')]."""
-    out = []
-    for n, s in groups:
-        key = f"{n}-layer {s}"
-        if out and out[-1][1] == key:
-            out[-1][0] += 1
-        else:
-            out.append([1, key])
-    return [(c, k) for c, k in out]
+    return [(len(list(run)), key) for key, run in itertools.groupby(f"{n}-layer {s}" for n, s in groups)]
 
 
 def table(res) -> str:

@@ -113,12 +113,13 @@ PROMPTS = [  # (text, image seed or None)
 ]
 
 
-def image(seed: int):
+def image(seed: int, h: int = 48, w: int | None = None):
+    """A random RGB picture, h x w pixels (square where w is None), from `seed`."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    return Image.fromarray(rng.integers(0, 255, (h, h if w is None else w, 3), dtype=np.uint8))
 
 
 @contextlib.contextmanager
@@ -253,12 +254,8 @@ QWEN_PROMPTS = [
 
 def qwen_image(seed: int):
     """Pictures of different sizes (different M-RoPE grids)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
     h, w = [(112, 112), (56, 112), (112, 84), (84, 56), (56, 56)][seed % 5]
-    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    return image(seed, h, w)
 
 
 def build_llava_next(folder, seed: int = 0, layers: int = 4) -> Path:
@@ -299,12 +296,8 @@ def build_llava_next(folder, seed: int = 0, layers: int = 4) -> Path:
 
 def next_image(seed: int):
     """Pictures of AnyRes shapes: tall, wide, square."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
     h, w = [(96, 48), (48, 96), (96, 96), (60, 50)][seed % 4]
-    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    return image(seed, h, w)
 
 
 # Tiny Qwen3-VL / Qwen3-VL-MoE: Qwen's vision tokens on the embedded vocabulary, interleaved M-RoPE
@@ -399,12 +392,8 @@ def _qwen3_vl_moe_released_layout(folder: Path) -> None:
 def qwen3_image(seed: int):
     """Pictures of different sizes in multiples of 32 pixels (16-pixel patches merged 2 x 2):
     different M-RoPE grids, 4..16 image tokens."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
     h, w = [(128, 128), (64, 128), (128, 96), (96, 64), (64, 64)][seed % 5]
-    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    return image(seed, h, w)
 
 
 # Tiny Gemma 3: the embedded vocabulary plus Gemma's image tokens (and the newline tokens vLLM's
@@ -482,12 +471,8 @@ GEMMA_PROMPTS = [  # (text, image seed or None); 16 image tokens + <start/end_of
 
 
 def gemma_image(seed: int):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
     h, w = [(32, 32), (40, 24), (24, 48), (32, 32)][seed % 4]
-    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    return image(seed, h, w)
 
 
 def _word_tokenizer(extra, special):
@@ -568,12 +553,8 @@ def build_mistral3(folder, seed: int = 0, layers: int = 4) -> Path:
 
 def mistral3_image(seed: int):
     """Pictures of several shapes (multiples of the 8-pixel merged patch, at most 48 pixels)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
     h, w = [(48, 48), (24, 48), (48, 32), (32, 16), (16, 16)][seed % 5]
-    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    return image(seed, h, w)
 
 
 # Tiny Idefics3 / SmolVLM: a SigLIP-style vision tower on 32 x 32 tiles of 4-pixel patches, pixel
@@ -636,12 +617,8 @@ def build_idefics3(folder, seed: int = 0, layers: int = 4, family: str = "idefic
 
 def idefics3_image(seed: int):
     """Pictures of several shapes: 2 x 2, 1 x 2 and 2 x 1 tiles (plus the global picture)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
     h, w = [(64, 64), (32, 64), (64, 32), (40, 60)][seed % 4]
-    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    return image(seed, h, w)
 
 
 def _named_tokenizer(extra: list[str], **named):
@@ -724,12 +701,8 @@ def ov_image(seed: int):
     """Pictures of AnyRes shapes (tall, wide, 2 x 2 tiles unpadded to fewer rows, one tile):
     36..70 image tokens. (vLLM sizes its encoder cache from a hard-coded 1153 x 944 picture,
     70 tokens with this tiny config; a square or tall 2 x 2 picture, 72..88, would not fit.)"""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
     h, w = [(48, 24), (24, 48), (30, 40), (25, 30), (20, 20)][seed % 5]
-    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    return image(seed, h, w)
 
 
 # Tiny InternVL (the HF format, InternVL3-*-hf): InternViT tiles of 32 x 32 pixels in 4 x 4
@@ -775,9 +748,5 @@ def build_internvl(folder, seed: int = 0, layers: int = 4) -> Path:
 
 def internvl_image(seed: int):
     """Pictures that crop to 1, 2 or 4 tiles (with a thumbnail beyond one)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
     h, w = [(32, 64), (64, 32), (64, 64), (30, 30), (32, 96)][seed % 5]
-    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    return image(seed, h, w)
